@@ -1,0 +1,104 @@
+"""PruneConfig: everything that decides a prune, as a small dataclass that round-trips to JSON."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+
+from .errors import PrunekitError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """'unstructured' -> None; 'N:M' -> (N, M), N of every M consecutive input weights pruned."""
+    if pattern == "unstructured":
+        return None
+    found = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern or "")
+    if not found:
+        raise PrunekitError(f"pattern {pattern!r} is malformed: use 'unstructured' or N:M such as 2:4 or 4:8")
+    n, m = int(found.group(1)), int(found.group(2))
+    if not 0 < n < m:
+        raise PrunekitError(f"pattern {pattern} is impossible: N:M needs 0 < N < M (N of every M pruned), e.g. 2:4")
+    return n, m
+
+
+@dataclass
+class PruneConfig:
+    method: str = "wanda"                 # scorer: magnitude, wanda, stade, stade-w, ...
+    sparsity: float | None = None         # target share of pruned weights; None: 0.5, or N/M for an N:M pattern
+    pattern: str = "unstructured"         # 'unstructured' or 'N:M'
+    allocation: str = "uniform"           # per-layer sparsity: uniform, alpha, owl
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int | None = None         # calibration sequences per block forward; None: ~2048 tokens a batch
+    dtype: str = "float32"                # compute dtype of the passes; statistics are always float32
+    device: str = "auto"
+    bias_update: bool = True              # STADE mean compensation
+    wanda_variant: bool = False           # Wanda appendix variant: per-row cumulative-score threshold
+    # allocation options (used by non-uniform allocations)
+    epsilon: float = 0.3
+    alpha_metric: str = "alpha_peak"
+    alpha_mapping: str = "block_wise"
+    alpha_reference_quirk: bool = False
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    max_layer_sparsity: float = 0.99
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        nm = parse_pattern(self.pattern)
+        if self.sparsity is None:
+            self.sparsity = nm[0] / nm[1] if nm else 0.5
+        if not 0.0 < float(self.sparsity) < 1.0:
+            raise PrunekitError(f"sparsity {self.sparsity} is outside (0, 1): pass e.g. --sparsity 0.5")
+        if nm and self.allocation == "uniform" and abs(self.sparsity - nm[0] / nm[1]) > 1e-9:
+            raise PrunekitError(
+                f"pattern {self.pattern} prunes exactly {nm[0] / nm[1]:g} of every layer, not {self.sparsity:g}: "
+                f"drop --sparsity, or use a non-uniform --allocation")
+        if self.dtype not in DTYPES:
+            raise PrunekitError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise PrunekitError(f"device {self.device!r} is not auto, cpu or cuda")
+        for name in ("nsamples", "seqlen"):
+            if int(getattr(self, name)) < 1:
+                raise PrunekitError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise PrunekitError(f"batch size must be at least 1, got {self.batch_size}")
+        if not 0.0 < self.max_layer_sparsity <= 1.0 or self.sparsity > self.max_layer_sparsity:
+            raise PrunekitError(
+                f"max layer sparsity {self.max_layer_sparsity} must be in (0, 1] and at least the target {self.sparsity}")
+        from .allocation import ALLOCATORS
+        from .allocation.esd import ALPHA_METRICS
+        if self.allocation not in ALLOCATORS:
+            raise PrunekitError(f"unknown allocation {self.allocation!r}: choose one of {', '.join(sorted(ALLOCATORS))}")
+        if self.alpha_metric not in ALPHA_METRICS:
+            raise PrunekitError(f"unknown alpha metric {self.alpha_metric!r}: choose one of {', '.join(ALPHA_METRICS)}")
+        if self.alpha_mapping not in ("block_wise", "layer_wise"):
+            raise PrunekitError(f"unknown alpha mapping {self.alpha_mapping!r}: choose block_wise or layer_wise")
+        if not 0.0 <= self.epsilon < 1.0:
+            raise PrunekitError(f"epsilon {self.epsilon} must be in [0, 1)")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size or max(1, 2048 // self.seqlen)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PruneConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PrunekitError(f"unknown config keys {unknown}: known keys are {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)

@@ -1,0 +1,40 @@
+"""Perplexity: mean next-token cross-entropy over non-overlapping windows, exponentiated."""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .engine import Compute
+from .errors import PrunekitError
+
+
+def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Per window: mean cross-entropy of logits[:-1] against tokens[1:], in float32. Shapes (B,T,V), (B,T)."""
+    shift = logits[:, :-1].float()
+    return F.cross_entropy(shift.reshape(-1, shift.shape[-1]), ids[:, 1:].reshape(-1),
+                           reduction="none").view(ids.shape[0], -1).mean(dim=1)
+
+
+def perplexity(model, windows: torch.Tensor, compute: Compute, batch_size: int | None = None,
+               desc: str = "perplexity") -> dict:
+    """ppl = exp(mean over windows of each window's mean NLL). Returns ppl, tokens/s, windows."""
+    batch_size = batch_size or max(1, 2048 // windows.shape[1])
+    model.to(compute.device)
+    nlls = []
+    start = time.perf_counter()
+    with torch.no_grad(), compute.cast(model):
+        for batch in tqdm(windows.split(batch_size), desc=desc, leave=False):
+            batch = batch.to(compute.device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            nlls.append(window_nll(logits, batch).cpu())
+    seconds = time.perf_counter() - start
+    model.to("cpu")
+    mean_nll = torch.cat(nlls).mean().item()
+    if not math.isfinite(mean_nll):
+        raise PrunekitError("perplexity is NaN/inf: the model's outputs overflow; try --dtype float32")
+    return {"ppl": math.exp(mean_nll), "eval_tokens_per_second": windows.numel() / seconds,
+            "eval_windows": windows.shape[0], "eval_seqlen": windows.shape[1]}

@@ -1,0 +1,36 @@
+"""Save a pruned model that loads with plain AutoModelForCausalLM.from_pretrained, atomically."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+
+def check_output_dir(path: str, overwrite: bool) -> None:
+    from .errors import PrunekitError
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)) and not overwrite:
+        raise PrunekitError(f"output folder {path} exists and is not empty: pass --overwrite or another --out")
+
+
+def save(model, tokenizer, path: str, record: dict, overwrite: bool = False) -> str:
+    """Write safetensors weights, config, tokenizer and prunekit.json into a temporary folder next
+    to `path`, then rename it into place: an interrupted run leaves no half-written model."""
+    check_output_dir(path, overwrite)
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "prunekit.json"), "w") as f:
+            json.dump(record, f, indent=2)
+        if os.path.exists(path):  # empty, or --overwrite
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -1,0 +1,60 @@
+"""Per-input-channel activation statistics, accumulated in float32 over calibration batches.
+
+One accumulator serves every scorer: Wanda needs the sum of squares, STADE the mean and variance
+(merged batch by batch with Chan's parallel form of Welford's update, which stays exact when the
+mean is much larger than the spread, unlike E[x^2] - E[x]^2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ChannelStats:
+    columns: int
+    nseq: int = 0                 # sequences seen (Wanda normalises by this)
+    ntokens: int = 0              # tokens seen
+    sum_sq: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
+    m2: torch.Tensor | None = None  # sum of squared deviations from the mean
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs x of shape (..., columns); the leading dims are (sequences, tokens) or tokens."""
+        nseq = x.shape[0] if x.dim() == 3 else 1
+        x = x.reshape(-1, x.shape[-1]).float()
+        n_b = x.shape[0]
+        mean_b = x.mean(dim=0)
+        centred = x - mean_b
+        m2_b = (centred * centred).sum(dim=0)  # two-pass within the batch, Chan's merge across batches
+        sq_b = m2_b + n_b * mean_b * mean_b  # sum of x^2 without another pass (all terms >= 0)
+        if self.mean is None:
+            self.mean, self.m2, self.sum_sq = mean_b, m2_b, sq_b
+        else:
+            n_a = self.ntokens
+            n = n_a + n_b
+            delta = mean_b - self.mean
+            self.mean = self.mean + delta * (n_b / n)
+            self.m2 = self.m2 + m2_b + delta * delta * (n_a * n_b / n)
+            self.sum_sq = self.sum_sq + sq_b
+        self.ntokens += n_b
+        self.nseq += nseq
+
+    @property
+    def wanda_norm_sq(self) -> torch.Tensor:
+        """s_j = (1/N_seq) * sum over all calibration tokens of x_j^2 (Wanda's scaler_row)."""
+        return self.sum_sq / self.nseq
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Unbiased per-channel variance sigma_j^2 = M2_j / (n - 1)."""
+        return self.m2 / max(self.ntokens - 1, 1)
+
+    def check_finite(self, name: str) -> None:
+        from .errors import PrunekitError
+        for label, t in (("mean", self.mean), ("second moment", self.sum_sq)):
+            if t is None or not torch.isfinite(t).all():
+                raise PrunekitError(
+                    f"NaN/inf in the calibration activations of {name} ({label}): "
+                    f"try --dtype float32 or check the model weights")

@@ -1,0 +1,133 @@
+"""Allocation x scorer x pattern on tiny random models: achieved per-layer sparsity equals the allocation."""
+import itertools
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from prunekit import PruneConfig, PrunekitError, prune
+from prunekit.adapters import adapter_for
+from prunekit.allocation.alpha import alpha_allocation, model_spectra, weights_key
+from prunekit.allocation.owl import owl_allocation
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _shaped_model(arch="llama"):
+    """A tiny model whose blocks differ: scale block weights so spectra and outliers vary with depth."""
+    model = tiny_model(arch)
+    adapter = adapter_for(arch)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for i, block in enumerate(adapter.blocks(model)):
+            for module in adapter.block_linears(block).values():
+                w = adapter.weight(module)
+                # block 1 gets a heavy-tailed (low-rank spike) component, block 0 stays Gaussian
+                if i == 1:
+                    u = torch.randn(w.shape[0], 2, generator=g)
+                    v = torch.randn(2, w.shape[1], generator=g)
+                    w.add_(0.5 * u @ v)
+    return model
+
+
+SCORERS = ["magnitude", "wanda", "stade", "stade-w"]
+
+
+@pytest.mark.parametrize("allocation,method,pattern",
+                         list(itertools.product(["alpha", "owl"], SCORERS, ["unstructured", "4:8"])))
+def test_any_allocation_any_scorer_any_pattern(allocation, method, pattern, samples):
+    model = _shaped_model()
+    adapter = adapter_for("llama")
+    config = PruneConfig(method=method, sparsity=0.5, pattern=pattern, allocation=allocation, nsamples=8,
+                         seqlen=32, epsilon=0.3)
+    report = prune(model, config, samples)
+    assert len(report.allocation) == 2
+    targets = [b["sparsity"] for b in report.allocation]
+    assert targets[0] != pytest.approx(targets[1])  # really non-uniform
+    params = {}
+    achieved = {}
+    for layer in report.layers:
+        i = int(layer["name"].split(".")[2])
+        numel = model.get_submodule(layer["name"]).weight.numel()
+        params[i] = params.get(i, 0) + numel
+        achieved[i] = achieved.get(i, 0) + layer["sparsity"] * numel
+        w = adapter.weight(model.get_submodule(layer["name"]))
+        assert (w == 0).float().mean().item() == pytest.approx(layer["sparsity"], abs=1e-6)
+    for layer in report.layers:  # block_wise: every linear of a block has the block's target
+        target = report.allocation[int(layer["name"].split(".")[2])]["sparsity"]
+        w = adapter.weight(model.get_submodule(layer["name"]))
+        if pattern != "unstructured":
+            expected = target
+        elif method == "magnitude":  # one comparison group per matrix
+            expected = int(w.numel() * target) / w.numel()
+        else:  # one per output row
+            expected = int(w.shape[1] * target) / w.shape[1]
+        assert layer["sparsity"] == pytest.approx(expected, abs=1e-9), layer
+    # the whole model still hits the target
+    # the whole model still hits the target (N:M: as close as whole N_l allow)
+    assert report.sparsity == pytest.approx(0.5, abs=0.02 if pattern == "unstructured" else 1 / 16)
+    if pattern != "unstructured":
+        for layer in report.layers:
+            w = adapter.weight(model.get_submodule(layer["name"]))
+            per_group = (w == 0).view(w.shape[0], -1, 8).sum(-1)
+            assert (per_group == round(layer["sparsity"] * 8)).all()  # every group holds this layer's N
+
+
+def test_alpha_prunes_heavy_tailed_block_less(samples):
+    model = _shaped_model()
+    report = prune(model, PruneConfig(method="wanda", sparsity=0.6, allocation="alpha", nsamples=8, seqlen=32), samples)
+    a0, a1 = report.allocation
+    assert a1["metric"] < a0["metric"]        # the spiked block has the heavier tail (smaller alpha)
+    assert a1["sparsity"] < a0["sparsity"]    # ... so it is pruned less
+    assert report.allocation_info["esd_seconds"] >= 0 and len(report.allocation_info["alphas"]) == 14
+
+
+def test_alpha_allocation_by_hand():
+    adapter = adapter_for("llama")
+    alphas = {f"model.layers.{i}.{n}": a for i, a in enumerate([2.0, 3.0, 4.0]) for n in adapter.linears}
+    params = [{n: 100 for n in adapter.linears} for _ in range(3)]
+    alloc = alpha_allocation(alphas, adapter, params, 0.5, 0.2)
+    # r = 0.8, 1.0, 1.2; mean 1 -> s = 0.4, 0.5, 0.6
+    assert [b["sparsity"] for b in alloc.blocks] == pytest.approx([0.4, 0.5, 0.6])
+    # at 0.9 target the top block would get 1.08: clipped to 0.99, excess shared in proportion to r
+    alloc = alpha_allocation(alphas, adapter, params, 0.9, 0.2, max_sparsity=0.99)
+    s = [b["sparsity"] for b in alloc.blocks]
+    assert s[2] == pytest.approx(0.99) and sum(s) / 3 == pytest.approx(0.9, abs=1e-6)
+    assert s[0] / s[1] == pytest.approx(0.8 / 1.0)
+
+
+def test_owl_allocation_by_hand():
+    params = [{"a": 10}, {"a": 10}, {"a": 10}]
+    # D = 1, 2, 3 -> r = 0, 0.08, 0.16 (lambda 0.08), mean 0.08 -> s = S + 0.08, S, S - 0.08
+    assert owl_allocation([1.0, 2.0, 3.0], params, 0.5, 0.08) == pytest.approx([0.58, 0.5, 0.42])
+
+
+def test_esd_cache_hits_on_same_weights(tmp_path):
+    model = _shaped_model()
+    adapter = adapter_for("llama")
+    first = model_spectra(model, adapter)
+    second = model_spectra(model, adapter)
+    assert not first["cached"] and second["cached"]
+    for k in first["eigs"]:
+        assert torch.equal(first["eigs"][k], second["eigs"][k])
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] += 1
+    assert not model_spectra(model, adapter)["cached"]
+
+
+def test_weights_key_depends_on_values():
+    a = [("x", torch.ones(3, 3))]
+    b = [("x", torch.ones(3, 3) * 2)]
+    assert weights_key(a) != weights_key(b) and weights_key(a) == weights_key([("x", torch.ones(3, 3))])
+
+
+def test_bad_allocation_options():
+    with pytest.raises(PrunekitError, match="unknown allocation"):
+        PruneConfig(allocation="random")
+    with pytest.raises(PrunekitError, match="alpha metric"):
+        PruneConfig(allocation="alpha", alpha_metric="alpha_max")
+    with pytest.raises(PrunekitError, match="max layer sparsity"):
+        PruneConfig(sparsity=0.9, max_layer_sparsity=0.8)

@@ -1,0 +1,91 @@
+"""STADE: equals Wanda on centred inputs; mean compensation restores the mean output; stable statistics."""
+import torch
+
+from prunekit import PruneConfig
+from prunekit.scoring import build_scorer
+from prunekit.scoring.stade import stade_bias_delta, stade_scores
+from prunekit.scoring.wanda import wanda_scores
+from prunekit.stats import ChannelStats
+
+
+def _stats(x: torch.Tensor, batches: int = 4) -> ChannelStats:
+    stats = ChannelStats(x.shape[-1])
+    for chunk in x.chunk(batches):
+        stats.update(chunk)
+    return stats
+
+
+def _layer(seed=0, rows=32, cols=64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=g), torch.randn(rows, generator=g)
+
+
+def test_centred_inputs_give_wandas_masks():
+    w, _ = _layer()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 50, 64, generator=g) * torch.linspace(0.1, 3, 64)
+    x = x - x.reshape(-1, 64).mean(0)  # exactly centred channels
+    stats = _stats(x)
+    for sparsity in (0.3, 0.5, 0.7):
+        for nm in (None, (2, 4)):
+            stade = build_scorer(PruneConfig(method="stade"))
+            wanda = build_scorer(PruneConfig(method="wanda"))
+            m1 = stade.mask(stade.scores(w, stats, True), sparsity, nm)
+            m2 = wanda.mask(wanda.scores(w, stats, True), sparsity, nm)
+            assert torch.equal(m1, m2)
+
+
+def test_bias_compensation_restores_mean_output_and_beats_wanda():
+    w, b = _layer()
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(6, 40, 64, generator=g) * 0.5 + torch.linspace(-2, 3, 64)).reshape(-1, 64)  # mean >> 0
+    stats = _stats(x)
+    dense = x @ w.T + b
+    scorer = build_scorer(PruneConfig(method="stade"))
+    mask = scorer.mask(scorer.scores(w, stats, False), 0.5, None)
+    delta = scorer.bias_delta(w, mask, stats, False)
+    stade_out = x @ w.masked_fill(mask, 0).T + (b + delta)
+    # mean over the calibration tokens is the dense layer's, to float tolerance
+    assert torch.allclose(stade_out.mean(0), dense.mean(0), atol=1e-4)
+    wanda = build_scorer(PruneConfig(method="wanda"))
+    wmask = wanda.mask(wanda.scores(w, stats, False), 0.5, None)
+    wanda_out = x @ w.masked_fill(wmask, 0).T + b
+    mse_stade = (stade_out - dense).pow(2).mean()
+    mse_wanda = (wanda_out - dense).pow(2).mean()
+    assert mse_stade < mse_wanda
+
+
+def test_bias_delta_formula_by_hand():
+    w = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[True, False, True], [False, True, False]])
+    mean = torch.tensor([10.0, 20.0, 30.0])
+    assert stade_bias_delta(w, mask, mean).tolist() == [1 * 10 + 3 * 30, 5 * 20]
+    assert torch.equal(stade_scores(w, torch.tensor([1.0, 0.5, 2.0])), torch.tensor([[1.0, 2, 18], [16, 12.5, 72]]))
+
+
+def test_no_bias_update_and_stade_w_roles():
+    w, _ = _layer()
+    x = torch.randn(100, 64) + 3
+    stats = _stats(x)
+    off = build_scorer(PruneConfig(method="stade", bias_update=False))
+    assert off.bias_delta(w, torch.ones_like(w, dtype=torch.bool), stats, False) is None
+    sw = build_scorer(PruneConfig(method="stade-w"))
+    assert not sw.updates_bias(True) and sw.updates_bias(False)
+    # norm-fed layers score like Wanda, the others like STADE
+    assert torch.equal(sw.scores(w, stats, True), wanda_scores(w, stats.wanda_norm_sq))
+    assert torch.equal(sw.scores(w, stats, False), stade_scores(w, stats.variance))
+
+
+def test_welford_matches_torch_var_with_mean_much_larger_than_std():
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(16, 128, 24, generator=g, dtype=torch.float64) * 0.01 + 1e4)
+    ref_var = x.reshape(-1, 24).var(dim=0, unbiased=True)
+    ref_mean = x.reshape(-1, 24).mean(dim=0)
+    stats = _stats(x.float(), batches=16)
+    assert torch.allclose(stats.mean.double(), ref_mean, rtol=1e-6)
+    assert torch.allclose(stats.variance.double(), ref_var, rtol=2e-2)
+    # the textbook E[x^2] - E[x]^2 in float32 is useless here, which is why the merge matters
+    xf = x.float().reshape(-1, 24)
+    naive = ((xf * xf).mean(0) - xf.mean(0) ** 2) * (xf.shape[0] / (xf.shape[0] - 1))
+    assert not torch.allclose(naive.double(), ref_var, rtol=2e-2)
+    assert stats.ntokens == 16 * 128 and stats.nseq == 16
