@@ -121,33 +121,41 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, samples: torch.Tens
 
 
 def run_block(block: nn.Module, inputs: BlockInputs, compute: Compute) -> list[torch.Tensor]:
-    """One pass of `block` over every calibration batch; outputs kept in float32 on the CPU."""
+    """One pass of `block` over every calibration batch; outputs kept in float32 on the CPU. A pass
+    stopped by collect_stats(stop_after=...) yields no outputs (statistics only)."""
     outs = []
     with torch.no_grad(), compute.cast(block):
         for h, (args, kwargs) in zip(inputs.hidden, inputs.extra):
-            out = block(compute.tree(h), *compute.tree(args), **compute.tree(kwargs))
+            try:
+                out = block(compute.tree(h), *compute.tree(args), **compute.tree(kwargs))
+            except _StopForward:
+                continue
             out = out[0] if isinstance(out, (tuple, list)) else out
             outs.append(out.float().cpu())
     return outs
 
 
 @contextlib.contextmanager
-def collect_stats(linears: dict[str, nn.Module]):
-    """Hooks that accumulate ChannelStats of every linear's input while the block runs."""
+def collect_stats(linears: dict[str, nn.Module], stop_after: str | None = None):
+    """Hooks that accumulate ChannelStats of every linear's input while the block runs. With
+    `stop_after` (the block's last linear), the pass ends once that layer's input is counted: a
+    statistics-only pass need not compute the rest of the block."""
     stats: dict[str, ChannelStats] = {}
     last = [None, None]  # (input tensor, linear that counted it): q/k/v and gate/up read one tensor
     handles = []
     for name, module in linears.items():
-        def hook(mod, args, out, name=name):
+        def hook(mod, args, name=name):
             x = args[0].detach()
             if x is last[0]:
                 stats[name] = stats[last[1]]  # same input: share the statistics, count once
-                return
-            last[0], last[1] = x, name
-            if name not in stats:
-                stats[name] = ChannelStats(x.shape[-1])
-            stats[name].update(x)
-        handles.append(module.register_forward_hook(hook))
+            else:
+                last[0], last[1] = x, name
+                if name not in stats:
+                    stats[name] = ChannelStats(x.shape[-1])
+                stats[name].update(x)
+            if name == stop_after:
+                raise _StopForward
+        handles.append(module.register_forward_pre_hook(hook))
     try:
         yield stats
     finally:
@@ -280,7 +288,7 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
         linears = adapter.block_linears(block)
         stats = {}
         if scorer.needs_stats:
-            with collect_stats(linears) as stats:
+            with collect_stats(linears, stop_after=adapter.linears[-1]) as stats:
                 run_block(block, inputs, compute)  # dense pass: statistics only
         for name, module in linears.items():
             nm = alloc.nm[i][name] if alloc.nm is not None else None
@@ -291,7 +299,7 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
             numel = module.weight.numel()
             pruned += achieved * numel
             total += numel
-        if inputs is not None and i + 1 < len(blocks):
+        if scorer.needs_stats and i + 1 < len(blocks):
             inputs.hidden = run_block(block, inputs, compute)  # pruned pass: next block's inputs
         block.to("cpu")
     report.sparsity = pruned / total

@@ -23,11 +23,10 @@ class ChannelStats:
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of inputs x of shape (..., columns); the leading dims are (sequences, tokens) or tokens."""
         nseq = x.shape[0] if x.dim() == 3 else 1
-        x = x.reshape(-1, x.shape[-1]).float()
-        n_b = x.shape[0]
-        mean_b = x.mean(dim=0)
-        centred = x - mean_b
-        m2_b = (centred * centred).sum(dim=0)  # two-pass within the batch, Chan's merge across batches
+        centred = x.reshape(-1, x.shape[-1]).to(torch.float32, copy=True)  # our own buffer: edited in place
+        n_b = centred.shape[0]
+        mean_b = centred.mean(dim=0)
+        m2_b = centred.sub_(mean_b).square_().sum(dim=0)  # two-pass within the batch, Chan's merge across
         sq_b = m2_b + n_b * mean_b * mean_b  # sum of x^2 without another pass (all terms >= 0)
         if self.mean is None:
             self.mean, self.m2, self.sum_sq = mean_b, m2_b, sq_b
