@@ -24,7 +24,8 @@ from prunekit.engine import Compute, capture_block_inputs, run_block  # noqa: E4
 from prunekit.evaluate import perplexity  # noqa: E402
 from prunekit.loading import load  # noqa: E402
 
-RUNS = [(m, p) for p in ("unstructured", "2:4", "4:8") for m in ("magnitude", "wanda", "stade", "stade-w")]
+METHODS = ["magnitude", "wanda", "stade", "stade --no-bias-update", "stade-w"]  # no-bias: what the v2 reference runs
+PATTERNS = ["unstructured", "2:4", "4:8"]
 COLUMNS = [("dtype", "dtype", ""), ("method", "method", ""), ("pattern", "pattern", ""), ("ppl", "ppl", ".2f"),
            ("sparsity", "sparsity", ".3f"), ("prune_seconds", "prune s", ".1f"), ("vs_floor", "prune/floor", ".2f"),
            ("eval_seconds", "eval s", ".1f"), ("peak_rss_mib", "peak RSS MiB", ".0f")]
@@ -44,6 +45,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--patterns", nargs="+", default=PATTERNS)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "core.json"))
     args = ap.parse_args()
 
@@ -59,15 +62,17 @@ def main():
         rows.append({"dtype": dtype, "method": "dense", "pattern": "—", "ppl": dense["ppl"], "sparsity": 0.0,
                      "eval_seconds": time.perf_counter() - t, "peak_rss_mib": rss.peak, "floor_seconds": floor})
         print(f"{dtype}: floor {floor:.1f} s, dense ppl {dense['ppl']:.3f}", flush=True)
-        for method, pattern in RUNS:
+        runs = [(p, m) for p in args.patterns for m in args.methods
+                if p == "unstructured" or not m.endswith("--no-bias-update")]
+        for pattern, label in runs:
             net = copy.deepcopy(model)
-            config = PruneConfig(method=method, pattern=pattern, nsamples=32, seqlen=512, seed=0,
-                                 dtype=dtype, device="cpu")
+            config = PruneConfig(method=label.split()[0], pattern=pattern, nsamples=32, seqlen=512, seed=0,
+                                 dtype=dtype, device="cpu", bias_update="--no-bias-update" not in label)
             with PeakRSS() as rss:
                 report = prune(net, config, samples, adapter)
             t = time.perf_counter()
-            result = perplexity(net, windows, compute, desc=f"{method} {pattern}")
-            row = {"dtype": dtype, "method": method, "pattern": pattern, "ppl": result["ppl"],
+            result = perplexity(net, windows, compute, desc=f"{label} {pattern}")
+            row = {"dtype": dtype, "method": label, "pattern": pattern, "ppl": result["ppl"],
                    "sparsity": report.sparsity, "prune_seconds": report.prune_seconds,
                    "floor_seconds": floor, "vs_floor": report.prune_seconds / floor,
                    "eval_seconds": time.perf_counter() - t, "peak_rss_mib": rss.peak}

@@ -21,12 +21,17 @@ def save(model, tokenizer, path: str, record: dict, overwrite: bool = False) -> 
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the saved model is an ordinary folder
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "prunekit.json"), "w") as f:
             json.dump(record, f, indent=2)
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         if os.path.exists(path):  # empty, or --overwrite
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         os.replace(tmp, path)

@@ -108,6 +108,10 @@ def test_save_reload_identical_logits(arch, method, samples, tmp_path):
     prune(model, PruneConfig(method=method, nsamples=8, seqlen=32), samples)
     path = save(model, None, str(tmp_path / "out"), {"method": method})
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary folder left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o777 & ~umask  # an ordinary folder, not mkdtemp's private one
+    assert os.stat(os.path.join(path, "model.safetensors")).st_mode & 0o777 == 0o666 & ~umask
     assert json.load(open(os.path.join(path, "prunekit.json")))["method"] == method
     reloaded = AutoModelForCausalLM.from_pretrained(path).eval()
     assert torch.equal(_logits(model, samples[:2]), _logits(reloaded, samples[:2]))

@@ -57,3 +57,20 @@ def test_gguf_save_reload(smollm2, tmp_path):
         b = reloaded(input_ids=windows[:1, :64]).logits
     assert torch.equal(a, b)
     assert reloaded.config.mlp_bias and reloaded.model.layers[0].mlp.down_proj.bias.abs().sum() > 0
+
+
+def test_alpha_allocation_on_smollm2_matches_reference_and_is_clipped(smollm2, tmp_path, monkeypatch):
+    """At 70 %, eps = 0.3 the reference mapping gives block 10 a ratio of 1.019 (pruned away completely);
+    prunekit reproduces that number before clipping, then clips and renormalises to exactly 70 %."""
+    from prunekit.allocation.alpha import alpha_allocation, layer_alphas, model_spectra
+    from prunekit.allocation.mapping import alpha_ratios
+    monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path))
+    model, adapter, _, _ = smollm2
+    alphas = layer_alphas(model_spectra(model, adapter)["eigs"], "alpha_peak")
+    params = [{n: m.weight.numel() for n, m in adapter.block_linears(b).items()} for b in adapter.blocks(model)]
+    alloc = alpha_allocation(alphas, adapter, params, 0.7, 0.3, max_sparsity=0.99)
+    metrics = torch.tensor([b["metric"] for b in alloc.blocks])
+    unclipped = alpha_ratios(metrics, 0.3) * 0.7 / alpha_ratios(metrics, 0.3).mean()  # equal-size blocks
+    assert unclipped.max().item() == pytest.approx(1.019, abs=1e-3) and unclipped.argmax().item() == 10
+    s = torch.tensor([b["sparsity"] for b in alloc.blocks])
+    assert s.max().item() == pytest.approx(0.99) and s.mean().item() == pytest.approx(0.7, abs=1e-6)
