@@ -14,10 +14,10 @@ import os
 import sys
 import time
 
-import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import PeakRSS, markdown, meta, protocol, write_results  # noqa: E402
+from render import COLUMNS  # noqa: E402
 
 from prunekit import PruneConfig, prune  # noqa: E402
 from prunekit.engine import Compute, capture_block_inputs, run_block  # noqa: E402
@@ -26,9 +26,6 @@ from prunekit.loading import load  # noqa: E402
 
 METHODS = ["magnitude", "wanda", "stade", "stade --no-bias-update", "stade-w"]  # no-bias: what the v2 reference runs
 PATTERNS = ["unstructured", "2:4", "4:8"]
-COLUMNS = [("dtype", "dtype", ""), ("method", "method", ""), ("pattern", "pattern", ""), ("ppl", "ppl", ".2f"),
-           ("sparsity", "sparsity", ".3f"), ("prune_seconds", "prune s", ".1f"), ("vs_floor", "prune/floor", ".2f"),
-           ("eval_seconds", "eval s", ".1f"), ("peak_rss_mib", "peak RSS MiB", ".0f")]
 
 
 def floor_seconds(model, adapter, samples, compute, batch_size) -> float:

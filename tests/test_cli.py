@@ -3,7 +3,6 @@ import json
 import os
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from prunekit.cli import main
