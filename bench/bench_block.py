@@ -27,9 +27,9 @@ def main():
     for seqlen, batch, nsamples in SHAPES:
         samples = torch.randint(0, model.config.vocab_size, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
         row = {"seqlen": seqlen, "batch": batch, "tokens": nsamples * seqlen}
+        inputs = capture_block_inputs(model, adapter, samples, batch, Compute(torch.device("cpu"), torch.float32))
         for dtype in ("float32", "bfloat16"):
             compute = Compute(torch.device("cpu"), DTYPES[dtype])
-            inputs = capture_block_inputs(model, adapter, samples, batch, compute)
             run_block(block, inputs, compute)  # warm-up
             times = []
             for _ in range(3):

@@ -14,7 +14,6 @@ import os
 import sys
 import time
 
-
 sys.path.insert(0, os.path.dirname(__file__))
 from common import PeakRSS, markdown, meta, protocol, write_results  # noqa: E402
 from render import COLUMNS  # noqa: E402

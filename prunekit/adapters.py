@@ -32,6 +32,10 @@ class Adapter:
     def block_linears(self, block: nn.Module) -> dict[str, nn.Module]:
         return {name: block.get_submodule(name) for name in self.linears}
 
+    def parameter_counts(self, model: nn.Module) -> list[dict[str, int]]:
+        """Per block: prunable linear name -> number of weights (what allocations weight by)."""
+        return [{n: m.weight.numel() for n, m in self.block_linears(b).items()} for b in self.blocks(model)]
+
     def weight(self, module: nn.Module) -> torch.Tensor:
         """The weight as (out_features, in_features); a view, so in-place edits reach the module."""
         return module.weight.t() if self.transposed else module.weight

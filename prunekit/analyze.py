@@ -13,8 +13,7 @@ def analyze(model: str, config: PruneConfig) -> dict:
     net, _, adapter, _ = load(model)
     spectra = model_spectra(net, adapter, resolve_device(config.device))
     alphas = layer_alphas(spectra["eigs"], config.alpha_metric, config.alpha_reference_quirk)
-    params = [{n: m.weight.numel() for n, m in adapter.block_linears(b).items()} for b in adapter.blocks(net)]
-    alloc = alpha_allocation(alphas, adapter, params, config.sparsity, config.epsilon, config.alpha_mapping,
+    alloc = alpha_allocation(alphas, adapter, adapter.parameter_counts(net), config.sparsity, config.epsilon, config.alpha_mapping,
                              config.max_layer_sparsity)
     prefix = adapter.blocks_path + "."
     matrices = []

@@ -178,8 +178,7 @@ class AllocationContext:
         return len(self.adapter.blocks(self.model))
 
     def parameter_counts(self) -> list[dict[str, int]]:
-        return [{n: m.weight.numel() for n, m in self.adapter.block_linears(b).items()}
-                for b in self.adapter.blocks(self.model)]
+        return self.adapter.parameter_counts(self.model)
 
     def dense_stats(self, desc: str = "dense pass"):
         """Yield (block index, block, {linear: ChannelStats}) over a dense forward of all blocks;

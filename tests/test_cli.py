@@ -116,3 +116,17 @@ def test_dataset_name_resolves_offline(tiny_dir, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     expect_error(capsys, "not available", "prune", "--model", tiny_dir("opt"), "--calib", "ptb")
+
+
+def test_analyze_prints_table_and_draws_plot(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    png, js = tmp_path / "alpha.png", tmp_path / "alpha.json"
+    code = main(["analyze", "--model", tiny_dir(), "--sparsity", "0.6", "--plot", str(png), "--json", str(js)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "mean alpha" in out and len([line for line in out.splitlines() if line.strip()[:1].isdigit()]) == 2
+    record = json.loads(js.read_text())
+    assert len(record["blocks"]) == 2 and len(record["matrices"]) == 14
+    mean = sum(b["sparsity"] for b in record["blocks"]) / 2  # equal-sized blocks
+    assert mean == pytest.approx(0.6, abs=1e-6)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
