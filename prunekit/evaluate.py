@@ -26,7 +26,7 @@ def perplexity(model, windows: torch.Tensor, compute: Compute, batch_size: int |
     model.to(compute.device)
     nlls = []
     start = time.perf_counter()
-    with torch.no_grad(), compute.cast(model):
+    with compute.run(model):
         for batch in tqdm(windows.split(batch_size), desc=desc, leave=False):
             batch = batch.to(compute.device)
             logits = model(input_ids=batch, use_cache=False).logits

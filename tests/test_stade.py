@@ -1,4 +1,5 @@
 """STADE: equals Wanda on centred inputs; mean compensation restores the mean output; stable statistics."""
+import pytest
 import torch
 
 from prunekit import PruneConfig
@@ -89,3 +90,34 @@ def test_welford_matches_torch_var_with_mean_much_larger_than_std():
     naive = ((xf * xf).mean(0) - xf.mean(0) ** 2) * (xf.shape[0] / (xf.shape[0] - 1))
     assert not torch.allclose(naive.double(), ref_var, rtol=2e-2)
     assert stats.ntokens == 16 * 128 and stats.nseq == 16
+
+
+def test_uncentred_stats_keep_only_the_sum_of_squares():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 50, 24, generator=g) * 3 + 5
+    full, fast = ChannelStats(24), ChannelStats(24, centred=False)
+    for chunk in x.split(1):
+        full.update(chunk)
+        fast.update(chunk.bfloat16())
+    assert torch.allclose(fast.wanda_norm_sq, (x.bfloat16().float() ** 2).sum((0, 1)) / 4, rtol=1e-6)
+    assert torch.allclose(fast.wanda_norm_sq, full.wanda_norm_sq, rtol=1e-2)
+    assert fast.nseq == 4 and fast.ntokens == 200
+    with pytest.raises(ValueError, match="centred=True"):
+        fast.variance
+
+
+def test_stats_of_float32_input_leave_it_untouched():
+    x = torch.randn(2, 8, 6)
+    before = x.clone()
+    for centred in (True, False):
+        ChannelStats(6, centred=centred).update(x)
+    assert torch.equal(x, before)
+
+
+def test_only_stade_layers_are_centred():
+    from prunekit.config import PruneConfig
+    from prunekit.scoring import build_scorer
+    assert not build_scorer(PruneConfig(method="wanda")).centred(True)
+    assert build_scorer(PruneConfig(method="stade")).centred(True)
+    sw = build_scorer(PruneConfig(method="stade-w"))
+    assert sw.centred(False) and not sw.centred(True)

@@ -41,6 +41,10 @@ class Scorer:
             return matrix_lowest_mask(scores, sparsity)
         return row_lowest_mask(scores, sparsity)
 
+    def centred(self, norm_fed: bool) -> bool:
+        """Whether the statistics must hold the mean and variance (else the sum of squares suffices)."""
+        return False
+
     def updates_bias(self, norm_fed: bool) -> bool:
         """Whether prune() will add a bias to this linear (so the bias must be storable)."""
         return False

@@ -30,6 +30,9 @@ class Stade(Scorer):
             return stade_scores(weight, stats.variance)
         return Wanda.scores(self, weight, stats, norm_fed)
 
+    def centred(self, norm_fed):
+        return self.uses_stade(norm_fed)
+
     def updates_bias(self, norm_fed):
         return self.config.bias_update and self.uses_stade(norm_fed)
 
