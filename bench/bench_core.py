@@ -23,7 +23,9 @@ from prunekit.engine import Compute, capture_block_inputs, run_block  # noqa: E4
 from prunekit.evaluate import perplexity  # noqa: E402
 from prunekit.loading import load  # noqa: E402
 
-METHODS = ["magnitude", "wanda", "stade", "stade --no-bias-update", "stade-w"]  # no-bias: what the v2 reference runs
+# "--no-bias-update": what the v2 reference runs (unstructured only); "--stats-dtype float32": bf16 pruned
+# passes with float32 statistics passes (low-precision dtypes only)
+METHODS = ["magnitude", "wanda", "stade", "stade --no-bias-update", "stade-w", "wanda --stats-dtype float32"]
 PATTERNS = ["unstructured", "2:4", "4:8"]
 
 
@@ -59,11 +61,14 @@ def main():
                      "eval_seconds": time.perf_counter() - t, "peak_rss_mib": rss.peak, "floor_seconds": floor})
         print(f"{dtype}: floor {floor:.1f} s, dense ppl {dense['ppl']:.3f}", flush=True)
         runs = [(p, m) for p in args.patterns for m in args.methods
-                if p == "unstructured" or not m.endswith("--no-bias-update")]
+                if (p == "unstructured" or "--no-bias-update" not in m)
+                and (dtype != "float32" or "--stats-dtype" not in m)]
         for pattern, label in runs:
             net = copy.deepcopy(model)
-            config = PruneConfig(method=label.split()[0], pattern=pattern, nsamples=32, seqlen=512, seed=0,
-                                 dtype=dtype, device="cpu", bias_update="--no-bias-update" not in label)
+            words = label.split()
+            stats_dtype = words[words.index("--stats-dtype") + 1] if "--stats-dtype" in words else None
+            config = PruneConfig(method=words[0], pattern=pattern, nsamples=32, seqlen=512, seed=0, dtype=dtype,
+                                 stats_dtype=stats_dtype, device="cpu", bias_update="--no-bias-update" not in words)
             with PeakRSS() as rss:
                 report = prune(net, config, samples, adapter)
             t = time.perf_counter()

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=2048, help="calibration segment length")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, help="calibration sequences per block forward")
+    p.add_argument("--stats-dtype", help="compute dtype of the dense statistics passes (default: --dtype); "
+                                         "--dtype bfloat16 --stats-dtype float32 gives float32 masks faster")
     p.add_argument("--no-bias-update", action="store_true", help="STADE without mean compensation")
     p.add_argument("--wanda-variant", action="store_true", help="Wanda appendix variant (cumulative threshold)")
     p.add_argument("--eval-dense", action="store_true", help="also evaluate the dense model first")
@@ -76,7 +78,7 @@ def _allocation_options(args) -> dict:
 def _config(args) -> PruneConfig:
     return PruneConfig(method=args.method, pattern=args.pattern, allocation=args.allocation,
                        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
-                       dtype=args.dtype, bias_update=not args.no_bias_update, wanda_variant=args.wanda_variant,
+                       dtype=args.dtype, stats_dtype=args.stats_dtype, bias_update=not args.no_bias_update, wanda_variant=args.wanda_variant,
                        **_allocation_options(args))
 
 

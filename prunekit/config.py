@@ -35,6 +35,7 @@ class PruneConfig:
     seed: int = 0
     batch_size: int | None = None         # calibration sequences per block forward; None: ~2048 tokens a batch
     dtype: str = "float32"                # compute dtype of the passes; statistics are always float32
+    stats_dtype: str | None = None        # compute dtype of the dense statistics passes; None: as dtype
     device: str = "auto"
     bias_update: bool = True              # STADE mean compensation
     wanda_variant: bool = False           # Wanda appendix variant: per-row cumulative-score threshold
@@ -58,8 +59,9 @@ class PruneConfig:
             raise PrunekitError(
                 f"pattern {self.pattern} prunes exactly {nm[0] / nm[1]:g} of every layer, not {self.sparsity:g}: "
                 f"drop --sparsity, or use a non-uniform --allocation")
-        if self.dtype not in DTYPES:
-            raise PrunekitError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        for flag, value in (("dtype", self.dtype), ("stats-dtype", self.stats_dtype or self.dtype)):
+            if value not in DTYPES:
+                raise PrunekitError(f"--{flag} {value!r} is not one of {', '.join(DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise PrunekitError(f"device {self.device!r} is not auto, cpu or cuda")
         for name in ("nsamples", "seqlen"):

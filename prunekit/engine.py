@@ -53,6 +53,12 @@ class Compute:
     def from_config(cls, config: PruneConfig) -> "Compute":
         return cls(resolve_device(config.device), DTYPES[config.dtype])
 
+    @classmethod
+    def for_stats(cls, config: PruneConfig) -> "Compute":
+        """The dense statistics passes: --stats-dtype, else --dtype. Their precision decides the masks;
+        the pruned passes that only carry inputs forward tolerate bf16 (see README, Benchmarks)."""
+        return cls(resolve_device(config.device), DTYPES[config.stats_dtype or config.dtype])
+
     @property
     def mixed(self) -> bool:
         return self.dtype != torch.float32
@@ -235,7 +241,7 @@ class AllocationContext:
         for i, block in enumerate(tqdm(self.adapter.blocks(self.model), desc=desc, leave=False)):
             block.to(self.compute.device)
             with collect_stats(self.adapter.block_linears(block), centred=lambda name: False) as stats:
-                current.hidden = run_block(block, current, self.compute)
+                current.hidden = run_block(block, current, Compute.for_stats(self.config))
             block.to("cpu")
             yield i, block, stats
 
@@ -308,7 +314,7 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
     start = time.perf_counter()
     adapter = adapter or adapter_for(model.config.model_type)
     scorer = build_scorer(config)
-    compute = Compute.from_config(config)
+    compute, stats_compute = Compute.from_config(config), Compute.for_stats(config)
     check_prunable(model, adapter, config)
     blocks = adapter.blocks(model)
     inputs = None
@@ -338,7 +344,7 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
         stats = {}
         if scorer.needs_stats:
             with collect_stats(linears, adapter.linears[-1], centred) as stats:
-                run_block(block, inputs, compute)  # dense pass: statistics only
+                run_block(block, inputs, stats_compute)  # dense pass: statistics only
         for name, module in linears.items():
             nm = alloc.nm[i][name] if alloc.nm is not None else None
             achieved = prune_linear(module, adapter, scorer, stats.get(name), name in adapter.norm_fed,

@@ -184,3 +184,25 @@ def test_perplexity_protocol():
     assert window_nll(logits, torch.tensor([[0, 1, 2]])).item() == pytest.approx(torch.log(torch.tensor(5.0)).item())
     with pytest.raises(PrunekitError, match="fewer than one window"):
         eval_windows(ids, 2000)
+
+
+def test_float32_statistics_with_bf16_passes(samples):
+    """--dtype bfloat16 --stats-dtype float32: the first block's statistics come from the same float32
+    inputs as a float32 run, so its masks are identical; later blocks see bf16-carried inputs."""
+    adapter = adapter_for("llama")
+    a, b = tiny_model("llama"), tiny_model("llama")
+    prune(a, PruneConfig(method="wanda", nsamples=8, seqlen=32), samples)
+    prune(b, PruneConfig(method="wanda", nsamples=8, seqlen=32, dtype="bfloat16", stats_dtype="float32"), samples)
+    blocks_a, blocks_b = adapter.blocks(a), adapter.blocks(b)
+    for name in adapter.linears:
+        wa = adapter.weight(blocks_a[0].get_submodule(name))
+        wb = adapter.weight(blocks_b[0].get_submodule(name))
+        assert torch.equal(wa == 0, wb == 0), name
+        agree = ((adapter.weight(blocks_a[1].get_submodule(name)) == 0)
+                 == (adapter.weight(blocks_b[1].get_submodule(name)) == 0)).float().mean()
+        assert agree > 0.9, name
+
+
+def test_bad_stats_dtype_is_one_line_error():
+    with pytest.raises(PrunekitError, match="--stats-dtype 'fp8' is not one of"):
+        PruneConfig(stats_dtype="fp8")
