@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, help="calibration sequences per block forward")
     p.add_argument("--stats-dtype", help="compute dtype of the dense statistics passes (default: --dtype); "
-                                         "--dtype bfloat16 --stats-dtype float32 gives float32 masks faster")
+                                         "--dtype bfloat16 --stats-dtype float32: float32-quality masks, faster")
     p.add_argument("--no-bias-update", action="store_true", help="STADE without mean compensation")
     p.add_argument("--wanda-variant", action="store_true", help="Wanda appendix variant (cumulative threshold)")
     p.add_argument("--eval-dense", action="store_true", help="also evaluate the dense model first")
