@@ -63,13 +63,7 @@ def main():
         inputs = capture_block_inputs(model, adapter, samples, batch, Compute(torch.device("cpu"), torch.float32))
         for dtype in ("float32", "bfloat16"):
             compute = Compute(torch.device("cpu"), DTYPES[dtype])
-            run_block(block, inputs, compute)  # warm-up
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                run_block(block, inputs, compute)
-                times.append(time.perf_counter() - start)
-            row[dtype] = min(times)
+            row[dtype] = best_ms(lambda: run_block(block, inputs, compute), repeats=3) / 1000
         row["ratio"] = row["bfloat16"] / row["float32"]
         rows.append(row)
     cols = [("seqlen", "seqlen", ""), ("batch", "batch", ""), ("tokens", "tokens", ""),

@@ -1,7 +1,7 @@
 """Causal self-attention for bfloat16 on the CPU, used inside prunekit's own passes.
 
 PyTorch's CPU flash-attention kernel computes bf16 inputs in float32 unless the CPU has AMX, so in
-bf16 it runs no faster than in float32 and becomes a third of a block's time. This kernel keeps the
+bf16 it runs no faster than in float32 (bench/bench_block.py) and is a large share of a bf16 block. This kernel keeps the
 two matmuls in bf16 (float32 accumulation inside oneDNN), takes the softmax with float32 arithmetic
 (PyTorch's CPU softmax upcasts reduced-precision inputs), and skips the masked upper triangle by
 walking the queries in chunks, each attending only to the keys up to its own end. Numerically it is

@@ -43,8 +43,8 @@ class Compute:
     float32: everything in float32. bfloat16/float16: mixed precision, as torch.autocast means it:
     matmuls and attention run in the low dtype (weight matrices are cast once per pass, not per call),
     while the residual stream, norms, embeddings and every statistic stay float32. Rounding the
-    residual stream to bf16 at every block would add ~0.1% error per block that builds up over the
-    calibration passes and moves N:M masks; keeping it float32 costs ~10% of a bf16 pass.
+    residual stream to bf16 at every block would add error that builds up over the calibration passes
+    and moves N:M masks; keeping it float32 costs a small share of a bf16 pass.
     """
     device: torch.device
     dtype: torch.dtype
@@ -108,7 +108,7 @@ class Compute:
 class _LowerOnce:
     """Pre-hook for the cast matmul layers: hand them their float32 input in the compute dtype,
     converting each input tensor once. autocast alone would convert the same normed hidden state
-    again for q, k and v (and gate, up): ~7% of a bf16 pass. Hooks registered earlier (the
+    again for q, k and v (and gate, up). Hooks registered earlier (the
     statistics) still see the float32 input."""
 
     def __init__(self, dtype: torch.dtype):
@@ -238,10 +238,11 @@ class AllocationContext:
         if self.inputs is None:
             raise PrunekitError(f"allocation {self.config.allocation!r} needs calibration data")
         current = BlockInputs(list(self.inputs.hidden), self.inputs.extra)
+        compute = Compute.for_stats(self.config)
         for i, block in enumerate(tqdm(self.adapter.blocks(self.model), desc=desc, leave=False)):
-            block.to(self.compute.device)
+            block.to(compute.device)
             with collect_stats(self.adapter.block_linears(block), centred=lambda name: False) as stats:
-                current.hidden = run_block(block, current, Compute.for_stats(self.config))
+                current.hidden = run_block(block, current, compute)
             block.to("cpu")
             yield i, block, stats
 

@@ -25,14 +25,18 @@ class ChannelStats:
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of inputs x of shape (..., columns); the leading dims are (sequences, tokens) or tokens."""
         nseq = x.shape[0] if x.dim() == 3 else 1
-        if not self.centred:
-            flat = x.reshape(-1, x.shape[-1])
+        flat = x.reshape(-1, x.shape[-1])
+        if self.centred:
+            self._merge_centred(flat)
+        else:
             sq_b = (flat.square() if flat.dtype == torch.float32 else flat.float().square_()).sum(dim=0)
             self.sum_sq = sq_b if self.sum_sq is None else self.sum_sq + sq_b
-            self.ntokens += flat.shape[0]
-            self.nseq += nseq
-            return
-        centred = x.reshape(-1, x.shape[-1]).to(torch.float32, copy=True)  # our own buffer: edited in place
+        self.ntokens += flat.shape[0]
+        self.nseq += nseq
+
+    def _merge_centred(self, flat: torch.Tensor) -> None:
+        """Chan's merge of this batch's mean and M2 into the running ones (before ntokens grows)."""
+        centred = flat.to(torch.float32, copy=True)  # our own buffer: edited in place
         n_b = centred.shape[0]
         mean_b = centred.mean(dim=0)
         m2_b = centred.sub_(mean_b).square_().sum(dim=0)  # two-pass within the batch, Chan's merge across
@@ -46,8 +50,6 @@ class ChannelStats:
             self.mean = self.mean + delta * (n_b / n)
             self.m2 = self.m2 + m2_b + delta * delta * (n_a * n_b / n)
             self.sum_sq = self.sum_sq + sq_b
-        self.ntokens += n_b
-        self.nseq += nseq
 
     @property
     def wanda_norm_sq(self) -> torch.Tensor:
@@ -57,12 +59,9 @@ class ChannelStats:
     @property
     def variance(self) -> torch.Tensor:
         """Unbiased per-channel variance sigma_j^2 = M2_j / (n - 1)."""
-        self._need_centred("variance")
-        return self.m2 / max(self.ntokens - 1, 1)
-
-    def _need_centred(self, what: str) -> None:
         if not self.centred:
-            raise ValueError(f"the {what} needs ChannelStats(centred=True); these kept the sum of squares only")
+            raise ValueError("the variance needs ChannelStats(centred=True); these kept the sum of squares only")
+        return self.m2 / max(self.ntokens - 1, 1)
 
     def check_finite(self, name: str) -> None:
         from .errors import PrunekitError
