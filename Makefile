@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export PRUNEKIT_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: setup demo test bench bench-alloc clean
+.PHONY: setup demo test bench bench-alloc bench-bf16 clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ bench: setup
 
 bench-alloc: setup
 	$(PY) bench/bench_allocation.py
+
+bench-bf16: setup
+	$(PY) bench/bench_block.py
+	$(PY) bench/bench_bf16.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -4,9 +4,10 @@ PyTorch's CPU flash-attention kernel computes bf16 inputs in float32 unless the 
 bf16 it runs no faster than in float32 (bench/bench_block.py) and is a large share of a bf16 block. This kernel keeps the
 two matmuls in bf16 (float32 accumulation inside oneDNN), takes the softmax with float32 arithmetic
 (PyTorch's CPU softmax upcasts reduced-precision inputs), and skips the masked upper triangle by
-walking the queries in chunks, each attending only to the keys up to its own end. Numerically it is
-transformers' "eager" bf16 attention (scores and probabilities rounded to bf16) without the wasted
-half. It replaces transformers' "sdpa" entry only inside `cpu_bf16_attention()`, only for the plain
+walking the queries in chunks, each attending only to the keys up to its own end. Its precision is
+that of transformers' "eager" bf16 attention (scores and probabilities rounded to bf16; the scaling
+is applied to the queries, which is exact for power-of-two scalings such as head size 64), without
+the wasted half. It replaces transformers' "sdpa" entry only inside `cpu_bf16_attention()`, only for the plain
 causal case (no mask tensor, no dropout, queries = keys); everything else goes to the original.
 """
 from __future__ import annotations
@@ -21,23 +22,31 @@ CHUNK = 128  # query rows per step: 128 measured fastest for 512-token windows o
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
                      chunk: int = CHUNK) -> torch.Tensor:
     """query (B, H, T, D), key/value (B, KV, T, D) with H a multiple of KV (grouped queries share a
-    key/value head, as transformers' repeat_kv orders them). Returns (B, T, H, D)."""
+    key/value head, as transformers' repeat_kv orders them). Returns (B, T, H, D), contiguous: the
+    layout the attention module reshapes to (B, T, H*D) next, so that reshape copies nothing.
+
+    The queries are laid out once as (B, KV, T, G, D), scaled on the way (instead of scaling every
+    score): a chunk of query rows is then one contiguous (rows*G, D) slab per key/value head."""
     b, h, t, d = query.shape
     kv = key.shape[1]
     groups = h // kv
-    q = query.reshape(b, kv, groups, t, d)
-    out = torch.empty(b, kv, groups, t, d, dtype=query.dtype, device=query.device)
+    dtype = value.dtype
+    q = torch.empty(b, kv, t, groups, d, dtype=dtype, device=query.device)
+    torch.mul(query.view(b, kv, groups, t, d), scaling, out=q.transpose(2, 3))
+    out = torch.empty(b, t, kv, groups, d, dtype=dtype, device=query.device)
     key_t = key.transpose(-1, -2)
-    upper = torch.full((chunk, chunk), float("-inf"), dtype=query.dtype, device=query.device).triu_(1)
+    future = torch.ones(chunk, chunk, dtype=torch.bool, device=query.device).triu_(1)
+    upper = torch.zeros(chunk, 1, chunk, dtype=dtype, device=query.device).masked_fill_(future.unsqueeze(1), float("-inf"))
     for start in range(0, t, chunk):
         end = min(start + chunk, t)
         rows = end - start
-        qc = q[:, :, :, start:end].reshape(b, kv, groups * rows, d)
-        scores = torch.matmul(qc, key_t[..., :end]).mul_(scaling).view(b, kv, groups, rows, end)
-        scores[..., start:end].add_(upper[:rows, :rows])
-        probs = torch.softmax(scores, dim=-1).view(b, kv, groups * rows, end)
-        out[:, :, :, start:end] = torch.matmul(probs, value[:, :, :end]).view(b, kv, groups, rows, d)
-    return out.view(b, h, t, d).transpose(1, 2)
+        qc = q[:, :, start:end].view(b, kv, rows * groups, d)
+        scores = torch.matmul(qc, key_t[..., :end])                      # (B, KV, rows*G, end)
+        scores.view(b, kv, rows, groups, end)[..., start:end].add_(upper[:rows, :, :rows])
+        probs = torch.softmax(scores, dim=-1)
+        res = torch.matmul(probs, value[:, :, :end]).view(b, kv, rows, groups, d)
+        out[:, start:end].copy_(res.transpose(1, 2))
+    return out.view(b, t, h, d)
 
 
 def _lowp(query: torch.Tensor) -> bool:
@@ -68,7 +77,7 @@ def cpu_bf16_attention(enabled: bool = True):
             return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         bf16 = torch.bfloat16
-        return causal_attention(query.to(bf16), key.to(bf16), value.to(bf16), scale), None
+        return causal_attention(query, key.to(bf16), value.to(bf16), scale), None  # query: lowered as it is scaled
 
     local = ALL_ATTENTION_FUNCTIONS._local_mapping  # the instance the models look up; the class-wide table stays
     had, before = "sdpa" in local, local.get("sdpa")

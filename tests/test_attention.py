@@ -20,8 +20,24 @@ def test_causal_attention_is_exact_in_float64(heads, kv, t, chunk):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, t, 16, generator=g, dtype=torch.float64) for h in (heads, kv, kv))
     out = causal_attention(q, k, v, 16 ** -0.5, chunk=chunk)
-    assert out.shape == (2, t, heads, 16)
+    assert out.shape == (2, t, heads, 16) and out.is_contiguous()  # the layout the module reshapes next
     assert torch.allclose(out, _reference(q, k, v), atol=1e-12)
+
+
+def test_causal_attention_scales_queries_of_any_head_size():
+    """Head size 24: a scaling that is not a power of two (folded into the queries)."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, h, 19, 24, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    assert torch.allclose(causal_attention(q, k, v, 24 ** -0.5, chunk=6), _reference(q, k, v), atol=1e-12)
+
+
+def test_causal_attention_takes_a_float32_query_with_bf16_keys():
+    """Under autocast the rotary step can hand over a float32 query: it is lowered as it is scaled."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, h, 40, 32, generator=g) for h in (6, 3, 3))
+    out = causal_attention(q, k.bfloat16(), v.bfloat16(), 32 ** -0.5, chunk=16)
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - _reference(q.double(), k.double(), v.double())).abs().max() < 0.05
 
 
 def test_causal_attention_bf16_error_is_bf16_sized():

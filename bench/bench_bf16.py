@@ -1,0 +1,206 @@
+"""Where bf16's perplexity difference comes from, on SmolLM2 with the core benchmark's protocol.
+
+1. Mask flips: for sampled blocks, the float32 statistics pass and a bf16 one over the *same* inputs
+   (the dense float32 block outputs carried forward), then the share of each layer's Wanda 2:4 mask
+   that differs. Rows: a float32 control with another batch size (summation order); prunekit's bf16;
+   bf16 with PyTorch's sdpa in place of prunekit's attention kernel (sdpa computes bf16 attention in
+   float32 on CPUs without AMX), to tell the matmuls' rounding from the attention's; and float32
+   statistics times (1 + eps * N(0, 1)) for a few eps, to put the bf16 flips on a scale.
+2. Evaluation dtype: one bf16-pruned Wanda 2:4 model, its perplexity evaluated in bf16 and in float32.
+3. Sensitivity: float32 Wanda 2:4 runs whose statistics are multiplied by (1 + eps * N(0, 1)),
+   eps = 2^-11 (which flips about as many weights as bf16 does), one run per seed: how far 2:4
+   perplexity moves on mask changes of that size that have nothing to do with the dtype.
+
+    python bench/bench_bf16.py [--parts flips eval sensitivity] [--blocks 2 10 20 28] [--seeds 4]
+    python bench/bench_bf16.py --render bench/results/bf16.json   # the tables again, from the JSON
+
+Prints tables and writes bench/results/bf16.json (about 15 minutes on the 2-core CI machine).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+from unittest import mock
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import markdown, meta, protocol, write_results  # noqa: E402
+
+from prunekit import engine  # noqa: E402
+from prunekit import PruneConfig, prune  # noqa: E402
+from prunekit.engine import Compute, capture_block_inputs, collect_stats, run_block  # noqa: E402
+from prunekit.evaluate import perplexity  # noqa: E402
+from prunekit.loading import load  # noqa: E402
+from prunekit.masks import nm_mask  # noqa: E402
+
+FP32, BF16 = Compute(torch.device("cpu"), torch.float32), Compute(torch.device("cpu"), torch.bfloat16)
+
+
+def wanda_norms(adapter, block, inputs, compute) -> dict[str, torch.Tensor]:
+    """Wanda's s_j for every linear of `block`, from a statistics pass in `compute`."""
+    with collect_stats(adapter.block_linears(block), adapter.linears[-1], lambda name: False) as stats:
+        run_block(block, inputs, compute)
+    return {name: st.wanda_norm_sq for name, st in stats.items()}
+
+
+def wanda_24_masks(adapter, block, norms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: nm_mask(adapter.weight(m).float().abs() * norms[name].sqrt(), 2, 4)
+            for name, m in adapter.block_linears(block).items()}
+
+
+def noisy(norms: dict[str, torch.Tensor], eps: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """s_j times (1 + eps * N(0, 1)), drawn independently per layer and channel."""
+    return {name: s * (1 + eps * torch.randn(s.shape, generator=gen)) for name, s in norms.items()}
+
+
+@contextlib.contextmanager
+def stock_attention():
+    """bf16 passes with PyTorch's sdpa instead of prunekit's attention kernel."""
+    with mock.patch.object(engine, "cpu_bf16_attention", lambda enabled=True: contextlib.nullcontext()):
+        yield
+
+
+def mask_flips(model, adapter, samples, blocks: list[int], eps_list: list[float]) -> list[dict]:
+    inputs = capture_block_inputs(model, adapter, samples, 4, FP32)
+    inputs8 = capture_block_inputs(model, adapter, samples, 8, FP32)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+
+    def add(i, label, masks, ref):
+        row = {"block": i, "variant": label}
+        row.update({name.split(".")[-1]: 100 * (masks[name] != ref[name]).float().mean().item() for name in ref})
+        row["weights"] = sum(int((masks[name] != ref[name]).sum()) for name in ref)
+        rows.append(row)
+        print(row, flush=True)
+
+    for i, block in enumerate(adapter.blocks(model)[:max(blocks) + 1]):
+        if i in blocks:
+            exact = wanda_norms(adapter, block, inputs, FP32)
+            ref = wanda_24_masks(adapter, block, exact)
+            add(i, "float32, batch 8 (control)", wanda_24_masks(adapter, block, wanda_norms(adapter, block, inputs8, FP32)), ref)
+            add(i, "bfloat16 (prunekit)", wanda_24_masks(adapter, block, wanda_norms(adapter, block, inputs, BF16)), ref)
+            with stock_attention():
+                add(i, "bfloat16, torch sdpa attention",
+                    wanda_24_masks(adapter, block, wanda_norms(adapter, block, inputs, BF16)), ref)
+            for eps in eps_list:
+                add(i, f"float32 x (1 + {eps_label(eps)} N(0,1))", wanda_24_masks(adapter, block, noisy(exact, eps, gen)), ref)
+        inputs.hidden = run_block(block, inputs, FP32)
+        inputs8.hidden = run_block(block, inputs8, FP32)
+    return rows
+
+
+def eps_label(eps: float) -> str:
+    return f"2^{math.log2(eps):.0f}"
+
+
+def perturbed(eps: float, seed: int):
+    """Wrap prune_linear so each layer sees its statistics times (1 + eps * N(0, 1))."""
+    original = engine.prune_linear
+    gen = torch.Generator().manual_seed(seed)
+
+    def wrapper(module, adapter, scorer, stats, *args, **kwargs):
+        if stats is not None:
+            noise = 1 + eps * torch.randn(stats.sum_sq.shape, generator=gen)
+            stats = dataclasses.replace(stats, sum_sq=stats.sum_sq * noise)
+        return original(module, adapter, scorer, stats, *args, **kwargs)
+    return mock.patch.object(engine, "prune_linear", wrapper)
+
+
+def layer_names(flips: list[dict]) -> list[str]:
+    return [k for k in flips[0] if k not in ("block", "variant", "weights")] if flips else []
+
+
+def flip_summary(flips: list[dict]) -> list[dict]:
+    """Per statistics variant, each layer's flipped share averaged over the sampled blocks."""
+    out = {}
+    for row in flips:
+        acc = out.setdefault(row["variant"], {"variant": row["variant"], "blocks": 0, "weights": 0.0})
+        acc["blocks"] += 1
+        acc["weights"] += row["weights"]
+        for name in layer_names(flips):
+            acc[name] = acc.get(name, 0.0) + row[name]
+    for acc in out.values():
+        for name in [*layer_names(flips), "weights"]:
+            acc[name] /= acc["blocks"]
+    return list(out.values())
+
+
+def render(flips: list[dict], evals: list[dict], sens: list[dict]) -> str:
+    layer_cols = [(n, f"{n} %", ".3f") for n in layer_names(flips)] + [("weights", "weights flipped", ".0f")]
+    parts = []
+    if flips:
+        parts.append(markdown(flips, [("block", "block", ""), ("variant", "statistics", "")] + layer_cols))
+        parts.append(markdown(flip_summary(flips), [("variant", "statistics (mean over blocks)", "")] + layer_cols))
+    if evals:
+        parts.append(markdown(evals, [("model", "model", ""), ("eval dtype", "eval dtype", ""), ("ppl", "ppl", ".2f")]))
+    if sens:
+        parts.append(markdown(sens, [("statistics", "float32 wanda 2:4, statistics", ""), ("ppl", "ppl", ".2f"),
+                                     ("vs exact", "vs exact", "+.2%")]))
+    return "\n\n".join(parts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--blocks", nargs="+", type=int, default=[2, 10, 20, 28])
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--eps", nargs="+", type=float, default=[2.0 ** -10, 2.0 ** -11, 2.0 ** -12],
+                    help="relative noise levels whose mask flips the first table shows")
+    ap.add_argument("--sensitivity-eps", type=float, default=2.0 ** -11)
+    ap.add_argument("--parts", nargs="+", default=["flips", "eval", "sensitivity"])
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bf16.json"))
+    ap.add_argument("--render", metavar="JSON", help="print the tables of an earlier run and exit")
+    args = ap.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            saved = json.load(f)
+        print(render(saved["rows"], saved["meta"]["eval_dtype"], saved["meta"]["sensitivity"]))
+        return
+
+    model, tokenizer, adapter, _ = load("smollm2-135m")
+    samples, windows = protocol(tokenizer, windows=args.windows)
+    flips, evals, sens = [], [], []
+    if "flips" in args.parts:
+        flips = mask_flips(model, adapter, samples, args.blocks, args.eps)
+
+    if "eval" in args.parts:
+        net = copy.deepcopy(model)
+        prune(net, PruneConfig(method="wanda", pattern="2:4", nsamples=32, seqlen=512, dtype="bfloat16", device="cpu"),
+              samples, adapter)
+        for compute in (BF16, FP32):
+            evals.append({"model": "wanda 2:4 pruned in bf16", "eval dtype": str(compute.dtype)[6:],
+                          "ppl": perplexity(net, windows, compute)["ppl"]})
+            print(evals[-1], flush=True)
+
+    if "sensitivity" in args.parts:
+        eps = args.sensitivity_eps
+        for seed in [None, *range(args.seeds)]:
+            net = copy.deepcopy(model)
+            ctx = contextlib.nullcontext() if seed is None else perturbed(eps, seed)
+            with ctx:
+                report = prune(net, PruneConfig(method="wanda", pattern="2:4", nsamples=32, seqlen=512,
+                                                dtype="float32", device="cpu"), samples, adapter)
+            sens.append({"statistics": "exact" if seed is None else f"x (1 + {eps_label(eps)} N(0,1)), seed {seed}",
+                         "ppl": perplexity(net, windows, FP32)["ppl"], "prune_seconds": report.prune_seconds})
+            sens[-1]["vs exact"] = sens[-1]["ppl"] / sens[0]["ppl"] - 1
+            print(sens[-1], flush=True)
+    if os.path.exists(args.out):  # keep the parts of an earlier run that this one did not redo
+        with open(args.out) as f:
+            saved = json.load(f)
+        flips = flips or saved["rows"]
+        evals = evals or saved["meta"].get("eval_dtype", [])
+        sens = sens or saved["meta"].get("sensitivity", [])
+    print(render(flips, evals, sens))
+    write_results(args.out, flips, {**meta(), "eval_dtype": evals, "sensitivity": sens,
+                                    "sensitivity_eps": args.sensitivity_eps})
+
+
+if __name__ == "__main__":
+    main()
