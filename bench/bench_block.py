@@ -70,10 +70,17 @@ def main():
             row[dtype] = best_ms(lambda: run_block(block, inputs, compute), repeats=3) / 1000
         row["ratio"] = row["bfloat16"] / row["float32"]
         rows.append(row)
-    cols = [("seqlen", "seqlen", ""), ("batch", "batch", ""), ("tokens", "tokens", ""),
-            ("float32", "fp32 s", ".3f"), ("bfloat16", "bf16 s", ".3f"), ("ratio", "bf16/fp32", ".2f")]
-    print(markdown(rows, cols))
     kernel_rows = kernels()
+    # the share of a pass that its linears take, at the matmul rate measured just below
+    gflop = 2 * sum(adapter.weight(m).numel() for m in adapter.block_linears(block).values()) / 1e9
+    rate = {r["dtype"]: r["gflops"] for r in kernel_rows if "gflops" in r}
+    for row in rows:
+        for dtype in ("float32", "bfloat16"):
+            row[f"mm_{dtype}"] = gflop * row["tokens"] / rate[dtype] / row[dtype]
+    cols = [("seqlen", "seqlen", ""), ("batch", "batch", ""), ("tokens", "tokens", ""),
+            ("float32", "fp32 s", ".3f"), ("bfloat16", "bf16 s", ".3f"), ("ratio", "bf16/fp32", ".2f"),
+            ("mm_float32", "matmul share fp32", ".0%"), ("mm_bfloat16", "matmul share bf16", ".0%")]
+    print(markdown(rows, cols))
     print(markdown(kernel_rows, [("kernel", "kernel", ""), ("dtype", "dtype", ""), ("ms", "ms", ".2f"),
                                  ("vs_fp32", "vs fp32 sdpa/matmul", ".2f"), ("gflops", "GFLOP/s", ".0f")]))
     write_results(os.path.join(os.path.dirname(__file__), "results", "block.json"), rows, {**meta(), "kernels": kernel_rows})
