@@ -39,6 +39,7 @@ from prunekit.engine import Compute, capture_block_inputs, collect_stats, run_bl
 from prunekit.evaluate import perplexity  # noqa: E402
 from prunekit.loading import load  # noqa: E402
 from prunekit.masks import nm_mask  # noqa: E402
+from prunekit.scoring.wanda import wanda_scores  # noqa: E402
 
 FP32, BF16 = Compute(torch.device("cpu"), torch.float32), Compute(torch.device("cpu"), torch.bfloat16)
 
@@ -51,7 +52,7 @@ def wanda_norms(adapter, block, inputs, compute) -> dict[str, torch.Tensor]:
 
 
 def wanda_24_masks(adapter, block, norms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: nm_mask(adapter.weight(m).float().abs() * norms[name].sqrt(), 2, 4)
+    return {name: nm_mask(wanda_scores(adapter.weight(m).float(), norms[name]), 2, 4)
             for name, m in adapter.block_linears(block).items()}
 
 
