@@ -18,7 +18,7 @@ from common import markdown, meta, protocol, write_results  # noqa: E402
 
 from prunekit import PruneConfig, prune  # noqa: E402
 from prunekit.allocation.alpha import model_spectra  # noqa: E402
-from prunekit.engine import Compute  # noqa: E402
+from prunekit.execution import Compute  # noqa: E402
 from prunekit.evaluate import perplexity  # noqa: E402
 from prunekit.loading import load  # noqa: E402
 

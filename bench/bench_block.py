@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import CALIB, markdown, meta, write_results  # noqa: E402
 
 from prunekit.data import calibration_samples, load_text, tokenize  # noqa: E402
-from prunekit.engine import DTYPES, Compute, capture_block_inputs, run_block  # noqa: E402
+from prunekit.execution import DTYPES, Compute, capture_block_inputs, run_block  # noqa: E402
 from prunekit.loading import load  # noqa: E402
 
 SHAPES = [(128, 16, 128), (512, 4, 32), (2048, 1, 8)]  # (seqlen, batch, samples): 16k tokens each

@@ -19,7 +19,7 @@ from common import PeakRSS, markdown, meta, protocol, write_results  # noqa: E40
 from render import COLUMNS  # noqa: E402
 
 from prunekit import PruneConfig, prune  # noqa: E402
-from prunekit.engine import Compute, capture_block_inputs, run_block  # noqa: E402
+from prunekit.execution import Compute, capture_block_inputs, run_block  # noqa: E402
 from prunekit.evaluate import perplexity  # noqa: E402
 from prunekit.loading import load  # noqa: E402
 

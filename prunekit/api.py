@@ -10,7 +10,7 @@ from . import __version__
 from .allocation import needs_data
 from .config import PruneConfig
 from .data import calibration_samples, eval_windows, load_text, tokenize
-from .engine import Compute, check_prunable, prune, unsavable_biases
+from .execution import Compute, check_prunable, prune, unsavable_biases
 from .errors import PrunekitError
 from .evaluate import perplexity
 from .export import check_output_dir, save

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 
 from .errors import PrunekitError
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+OFFLOAD = ("auto", "none", "weights", "cpu")
+ESD_DTYPES = ("auto", "float32", "float64")
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -34,9 +36,12 @@ class PruneConfig:
     seqlen: int = 2048
     seed: int = 0
     batch_size: int | None = None         # calibration sequences per block forward; None: ~2048 tokens a batch
-    dtype: str = "float32"                # compute dtype of the passes; statistics are always float32
+    dtype: str = "auto"                   # compute dtype of the passes (auto: bfloat16 on CUDA, float32 on
+                                          # the CPU); statistics are always float32
     stats_dtype: str | None = None        # compute dtype of the dense statistics passes; None: as dtype
     device: str = "auto"
+    offload: str = "auto"                 # placement: auto, none (all on the device), weights (streamed), cpu
+    record_error: bool = False            # per block: relative MSE of the pruned output vs the dense one
     bias_update: bool = True              # STADE mean compensation
     wanda_variant: bool = False           # Wanda appendix variant: per-row cumulative-score threshold
     # allocation options (used by non-uniform allocations)
@@ -44,6 +49,7 @@ class PruneConfig:
     alpha_metric: str = "alpha_peak"
     alpha_mapping: str = "block_wise"
     alpha_reference_quirk: bool = False
+    esd_dtype: str = "auto"               # AlphaPruning eigensolver precision: auto, float32, float64
     owl_m: float = 5.0
     owl_lambda: float = 0.08
     max_layer_sparsity: float = 0.99
@@ -62,6 +68,10 @@ class PruneConfig:
         for flag, value in (("dtype", self.dtype), ("stats-dtype", self.stats_dtype or self.dtype)):
             if value not in DTYPES:
                 raise PrunekitError(f"--{flag} {value!r} is not one of {', '.join(DTYPES)}")
+        if self.offload not in OFFLOAD:
+            raise PrunekitError(f"--offload {self.offload!r} is not one of {', '.join(OFFLOAD)}")
+        if self.esd_dtype not in ESD_DTYPES:
+            raise PrunekitError(f"--esd-dtype {self.esd_dtype!r} is not one of {', '.join(ESD_DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise PrunekitError(f"device {self.device!r} is not auto, cpu or cuda")
         for name in ("nsamples", "seqlen"):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .engine import Compute
+from .execution.precision import Compute, synchronize
 from .errors import PrunekitError
 
 
@@ -23,6 +23,7 @@ def perplexity(model, windows: torch.Tensor, compute: Compute, batch_size: int |
                desc: str = "perplexity") -> dict:
     """ppl = exp(mean over windows of each window's mean NLL). Returns ppl, tokens/s, windows."""
     batch_size = batch_size or max(1, 2048 // windows.shape[1])
+    home = next(model.parameters()).device
     model.to(compute.device)
     nlls = []
     start = time.perf_counter()
@@ -30,10 +31,11 @@ def perplexity(model, windows: torch.Tensor, compute: Compute, batch_size: int |
         for batch in tqdm(windows.split(batch_size), desc=desc, leave=False):
             batch = batch.to(compute.device)
             logits = model(input_ids=batch, use_cache=False).logits
-            nlls.append(window_nll(logits, batch).cpu())
-    seconds = time.perf_counter() - start
-    model.to("cpu")
+            nlls.append(window_nll(logits, batch))
     mean_nll = torch.cat(nlls).mean().item()
+    synchronize(compute.device)
+    seconds = time.perf_counter() - start
+    model.to(home)
     if not math.isfinite(mean_nll):
         raise PrunekitError("perplexity is NaN/inf: the model's outputs overflow; try --dtype float32")
     return {"ppl": math.exp(mean_nll), "eval_tokens_per_second": windows.numel() / seconds,

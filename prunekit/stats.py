@@ -3,7 +3,8 @@
 One accumulator serves every scorer: Wanda needs the sum of squares, STADE the mean and variance
 (merged batch by batch with Chan's parallel form of Welford's update, which stays exact when the
 mean is much larger than the spread, unlike E[x^2] - E[x]^2). `centred=False` keeps only the sum of
-squares (what Wanda and OWL read): one pass over the batch instead of four.
+squares (what Wanda and OWL read): one pass over the batch instead of four. `gram=True` also keeps
+X^T X (SparseGPT's Hessian is 2/N_seq of it), accumulated in float32 by one matmul per batch.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ class ChannelStats:
     mean: torch.Tensor | None = None
     m2: torch.Tensor | None = None  # sum of squared deviations from the mean
     centred: bool = True            # False: sum of squares only (no mean/variance)
+    gram: bool = False              # also keep xtx = sum over tokens of x x^T (columns x columns)
+    xtx: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of inputs x of shape (..., columns); the leading dims are (sequences, tokens) or tokens."""
@@ -31,6 +34,9 @@ class ChannelStats:
         else:
             sq_b = (flat.square() if flat.dtype == torch.float32 else flat.float().square_()).sum(dim=0)
             self.sum_sq = sq_b if self.sum_sq is None else self.sum_sq + sq_b
+        if self.gram:
+            f32 = flat if flat.dtype == torch.float32 else flat.float()
+            self.xtx = f32.T @ f32 if self.xtx is None else self.xtx.addmm_(f32.T, f32)
         self.ntokens += flat.shape[0]
         self.nseq += nseq
 
@@ -63,11 +69,8 @@ class ChannelStats:
             raise ValueError("the variance needs ChannelStats(centred=True); these kept the sum of squares only")
         return self.m2 / max(self.ntokens - 1, 1)
 
-    def check_finite(self, name: str) -> None:
-        from .errors import PrunekitError
-        checks = (("mean", self.mean), ("second moment", self.sum_sq)) if self.centred else (("second moment", self.sum_sq),)
-        for label, t in checks:
-            if t is None or not torch.isfinite(t).all():
-                raise PrunekitError(
-                    f"NaN/inf in the calibration activations of {name} ({label}): "
-                    f"try --dtype float32 or check the model weights")
+    def nonfinite(self) -> torch.Tensor:
+        """A device-side bool: whether any statistic holds NaN/inf (checked without a host sync;
+        the engine reads it once per block)."""
+        parts = [t for t in (self.sum_sq, self.mean) if t is not None]
+        return torch.stack([~torch.isfinite(t).all() for t in parts]).any()

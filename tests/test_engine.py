@@ -10,7 +10,7 @@ from conftest import ARCHS, tiny_model
 from prunekit import PruneConfig, PrunekitError, prune
 from prunekit.adapters import adapter_for
 from prunekit.data import calibration_samples, eval_windows
-from prunekit.engine import Compute
+from prunekit.execution import Compute
 from prunekit.evaluate import perplexity, window_nll
 from prunekit.export import save
 

@@ -8,7 +8,7 @@ import torch
 from conftest import DATA_DIR
 from prunekit import PruneConfig, prune
 from prunekit.data import calibration_samples, eval_windows, load_text, tokenize
-from prunekit.engine import Compute
+from prunekit.execution import Compute
 from prunekit.evaluate import perplexity
 
 pytestmark = pytest.mark.slow

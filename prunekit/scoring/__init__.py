@@ -6,6 +6,8 @@ fold the removed weights' mean contribution into the bias.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import PrunekitError
@@ -13,6 +15,17 @@ from ..masks import matrix_lowest_mask, nm_mask, row_lowest_mask
 from ..stats import ChannelStats
 
 SCORERS: dict[str, type["Scorer"]] = {}
+
+
+@dataclass
+class LinearPrune:
+    """What pruning one linear decided, all on the weight's device: the mask (True = pruned), a new
+    weight where the method updates the kept weights (SparseGPT), a bias change (STADE), and a
+    device-side flag for NaN/inf scores (read once per block, not per layer)."""
+    mask: torch.Tensor
+    weight: torch.Tensor | None = None
+    bias_delta: torch.Tensor | None = None
+    nonfinite: torch.Tensor | None = None
 
 
 def register_scorer(name: str):
@@ -31,6 +44,16 @@ class Scorer:
     def __init__(self, config):
         self.config = config
 
+    def prune(self, weight: torch.Tensor, stats: ChannelStats | None, sparsity: float,
+              nm: tuple[int, int] | None, norm_fed: bool) -> LinearPrune:
+        """Score, mask and compensate one float32 weight (out x in). Methods that update the kept
+        weights override this; the others only say how to score."""
+        scores = self.scores(weight, stats, norm_fed)
+        low, high = scores.aminmax()  # NaN propagates to both; one pass instead of isfinite's three
+        mask = self.mask(scores, sparsity, nm)
+        return LinearPrune(mask, None, self.bias_delta(weight, mask, stats, norm_fed),
+                           ~(torch.isfinite(low) & torch.isfinite(high)))
+
     def scores(self, weight: torch.Tensor, stats: ChannelStats | None, norm_fed: bool) -> torch.Tensor:
         raise NotImplementedError
 
@@ -43,6 +66,10 @@ class Scorer:
 
     def centred(self, norm_fed: bool) -> bool:
         """Whether the statistics must hold the mean and variance (else the sum of squares suffices)."""
+        return False
+
+    def gram(self, norm_fed: bool) -> bool:
+        """Whether the statistics must hold X^T X (SparseGPT's Hessian)."""
         return False
 
     def updates_bias(self, norm_fed: bool) -> bool:

@@ -1,0 +1,320 @@
+"""The block loop: prune a model block by block over captured calibration inputs.
+
+Capture the inputs of the first decoder block (hidden states and every keyword argument the block
+receives); then per block: hooks accumulate float32 input statistics while the dense block runs over
+all calibration batches, every mask of the block is computed from those statistics, weights are
+zeroed (biases compensated, kept weights updated where the method says so), and the pruned block
+runs again to make the next block's inputs. Where weights and activations live is the placement
+plan's decision; the loop reads the host once per block (a NaN check) and gathers its numbers at
+the end.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters import Adapter, _ensure_bias, adapter_for
+from ..allocation import Allocation, allocate, needs_data
+from ..config import PruneConfig
+from ..errors import PrunekitError
+from ..scoring import Scorer, build_scorer
+from .passes import Activations, ErrorMeter, capture_block_inputs, collect_stats, run_block
+from .placement import Plan, Sizes, plan_placement
+from .precision import Compute, dtype_name
+from .streaming import BlockStreamer, model_on_device
+
+
+class Phases:
+    """Seconds per phase of the loop. On a GPU, CUDA events (no host sync until `totals`)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.events: list[tuple[str, object, object]] = []
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((name, start, end))
+        else:
+            t = time.perf_counter()
+            yield
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def totals(self) -> dict[str, float]:
+        if self.events:
+            torch.cuda.synchronize()
+            for name, start, end in self.events:
+                self.seconds[name] = self.seconds.get(name, 0.0) + start.elapsed_time(end) / 1000
+            self.events.clear()
+        return dict(self.seconds)
+
+
+@dataclass
+class AllocationContext:
+    """What an allocator may look at: the model, its adapter, the config, and dense passes."""
+    model: nn.Module
+    adapter: Adapter
+    config: PruneConfig
+    compute: Compute
+    inputs: Activations | None
+    streamer: BlockStreamer | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.adapter.blocks(self.model))
+
+    def parameter_counts(self) -> list[dict[str, int]]:
+        return self.adapter.parameter_counts(self.model)
+
+    def dense_stats(self, desc: str = "dense pass"):
+        """Yield (block index, block, {linear: ChannelStats}) over a dense forward of all blocks;
+        the captured inputs are left untouched. The statistics hold sums of squares (Wanda's s_j)."""
+        if self.inputs is None:
+            raise PrunekitError(f"allocation {self.config.allocation!r} needs calibration data")
+        current = self.inputs.clone()
+        compute = Compute.for_stats(self.config)
+        for i, block in enumerate(tqdm(self.adapter.blocks(self.model), desc=desc, leave=False)):
+            _onload(self.streamer, block, i, compute.device)
+            with collect_stats(self.adapter.block_linears(block), centred=lambda name: False) as stats:
+                run_block(block, current, compute, outputs=current)
+            yield i, block, stats
+            _offload(self.streamer, block, i)
+        del current
+
+
+def _onload(streamer: BlockStreamer | None, block: nn.Module, i: int, device: torch.device) -> None:
+    if streamer is not None and streamer.active:
+        streamer.onload(i)
+        streamer.prefetch(i + 1)
+    else:
+        block.to(device)
+
+
+def _offload(streamer: BlockStreamer | None, block: nn.Module, i: int) -> None:
+    if streamer is not None and streamer.active:
+        streamer.offload(i)
+
+
+def _nm_targets(allocation: Allocation, ctx: AllocationContext) -> None:
+    """Turn per-layer sparsities into per-layer N:M (M fixed by the pattern)."""
+    n, m = ctx.config.nm
+    if ctx.config.allocation == "uniform":
+        allocation.nm = [{name: (n, m) for name in blk} for blk in allocation.sparsity]
+        return
+    from ..allocation.mapping import nm_allocation
+    names = [(i, name) for i, blk in enumerate(allocation.sparsity) for name in blk]
+    params = ctx.parameter_counts()
+    counts = nm_allocation([allocation.sparsity[i][k] for i, k in names], [params[i][k] for i, k in names], m)
+    allocation.nm = [dict() for _ in allocation.sparsity]
+    for (i, name), n_l in zip(names, counts):
+        allocation.nm[i][name] = (int(n_l), m)
+        allocation.sparsity[i][name] = n_l / m
+    for entry in allocation.blocks:
+        blk = allocation.sparsity[entry["block"]]
+        entry["sparsity"] = sum(blk[k] * params[entry["block"]][k] for k in blk) / sum(params[entry["block"]].values())
+
+
+def check_prunable(model: nn.Module, adapter: Adapter, config: PruneConfig) -> None:
+    """Fail before any work on an N:M pattern that does not fit a layer."""
+    nm = config.nm
+    if nm is None:
+        return
+    for name, module in adapter.block_linears(adapter.blocks(model)[0]).items():
+        cols = adapter.weight(module).shape[1]
+        if cols % nm[1]:
+            raise PrunekitError(f"pattern {config.pattern} needs in_features divisible by {nm[1]}, "
+                                f"but {name} has {cols}: choose an M that divides it")
+
+
+def prune_linear(module: nn.Module, adapter: Adapter, scorer: Scorer, stats, norm_fed: bool,
+                 sparsity: float, nm: tuple[int, int] | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Score, mask, compensate and zero one linear layer in place, in its own dtype. Returns the
+    number of pruned weights and the NaN/inf flags (statistics, scores) as device tensors."""
+    weight = adapter.weight(module)
+    result = scorer.prune(weight.detach().float(), stats, sparsity, nm, norm_fed)
+    with torch.no_grad():
+        if result.bias_delta is not None:
+            _ensure_bias(module)
+            module.bias.add_(result.bias_delta.to(module.bias.dtype))
+        if result.weight is not None:
+            weight.copy_(result.weight)
+        weight.masked_fill_(result.mask, 0)
+    flags = [stats.nonfinite() if stats is not None else None, result.nonfinite]
+    return result.mask.sum(), flags
+
+
+def _check_block(i: int, names: list[str], flags: list[list]) -> None:
+    """The one host read per block: NaN/inf in any statistic or score of the block."""
+    present = [(name, kind, f) for name, pair in zip(names, flags)
+               for kind, f in zip(("calibration activations", "pruning scores"), pair) if f is not None]
+    if not present:
+        return
+    bad = torch.stack([f.reshape(()) for _, _, f in present]).tolist()
+    for (name, kind, _), b in zip(present, bad):
+        if b:
+            hint = "try --dtype float32 or check the model weights"
+            raise PrunekitError(f"NaN/inf in the {kind} of block {i} {name}: {hint}")
+
+
+@dataclass
+class PruneReport:
+    layers: list[dict] = field(default_factory=list)      # {"name", "sparsity"} per pruned linear
+    allocation: list[dict] = field(default_factory=list)  # per block: {"block", "metric", "sparsity"}
+    allocation_info: dict = field(default_factory=dict)   # allocator extras (e.g. ESD seconds, per-matrix alpha)
+    sparsity: float = 0.0                                 # achieved, parameter-weighted over pruned linears
+    prune_seconds: float = 0.0
+    placement: dict = field(default_factory=dict)         # the plan (Plan.to_dict)
+    phases: dict = field(default_factory=dict)            # seconds per phase of the loop
+    block_error: list[dict] = field(default_factory=list)  # {"block", "rel_mse"} with record_error
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def host_free_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def placement_sizes(model: nn.Module, adapter: Adapter, config: PruneConfig, compute: Compute,
+                    scorer: Scorer, shape: tuple[int, int] | None) -> Sizes:
+    """The sizes the planner needs, from the model and the config alone (nothing runs)."""
+    blocks = adapter.blocks(model)
+    in_blocks = {id(p) for p in blocks.parameters()}
+    block_bytes = [_bytes(list(b.parameters()) + list(b.buffers())) for b in blocks]
+    shell = _bytes(p for p in model.parameters() if id(p) not in in_blocks)
+    hidden = model.get_input_embeddings().weight.shape[-1]
+    widest = max(max(adapter.weight(m).shape) for m in adapter.block_linears(blocks[0]).values())
+    nsamples, seqlen = shape if shape is not None else (0, 0)
+    batch = min(config.effective_batch_size, max(nsamples, 1))
+    itemsize = torch.finfo(compute.storage).bits // 8
+    acts, batch_acts = nsamples * seqlen * hidden * itemsize, batch * seqlen * hidden * itemsize
+    tokens = batch * seqlen
+    # a pass over one batch: float32 residual stream and normed copies, the MLP's widest activations,
+    # plus the statistics (X^T X for SparseGPT: one columns^2 float32 matrix per distinct input)
+    inputs = [adapter.weight(m).shape[1] for m in adapter.block_linears(blocks[0]).values()]
+    work = tokens * (6 * hidden + 3 * widest) * 4
+    work += sum(c * c * 4 for c in set(inputs)) if scorer.gram(True) or scorer.gram(False) else 0
+    copies = 2 if (config.record_error or needs_data(config.allocation)) else 1
+    device_free = None
+    if compute.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(compute.device)
+        on_device = _bytes(p for p in model.parameters() if p.device.type == "cuda")
+        device_free = free + on_device
+    return Sizes(weights=sum(block_bytes), shell=shell, block=max(block_bytes), activations=acts,
+                 batch_activations=batch_acts, work=work, device_free=device_free, host_free=host_free_bytes(),
+                 activation_copies=copies, storage_dtype=dtype_name(compute.storage))
+
+
+def plan_for(model, adapter, config, compute, scorer, shape) -> Plan:
+    return plan_placement(placement_sizes(model, adapter, config, compute, scorer, shape), config.offload)
+
+
+def prepare_biases(model: nn.Module, adapter: Adapter, scorer: Scorer) -> None:
+    """Give every linear that the method will compensate a zero bias first, and turn on the config
+    flag that lets the saved checkpoint declare it."""
+    blocks = adapter.blocks(model)
+    for name in adapter.linears:
+        if scorer.updates_bias(name in adapter.norm_fed):
+            for block in blocks:
+                _ensure_bias(block.get_submodule(name))
+            if adapter.can_hold_bias(name, blocks[0].get_submodule(name)):
+                adapter.enable_bias(model, name)
+
+
+def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = None,
+          adapter: Adapter | None = None, inputs: Activations | None = None) -> PruneReport:
+    """Prune `model` in place. `samples`: (nsamples, seqlen) calibration token ids (unused by
+    magnitude with a uniform allocation). `inputs`: block-0 inputs captured earlier with the same
+    samples and compute (a sweep reuses them; they are copied, not consumed)."""
+    start = time.perf_counter()
+    adapter = adapter or adapter_for(model.config.model_type)
+    scorer = build_scorer(config)
+    compute, stats_compute = Compute.from_config(config), Compute.for_stats(config)
+    check_prunable(model, adapter, config)
+    blocks = adapter.blocks(model)
+    needs_inputs = scorer.needs_stats or needs_data(config.allocation)
+    if needs_inputs and samples is None and inputs is None:
+        raise PrunekitError(f"method {config.method} needs calibration data: pass --calib")
+    shape = tuple(inputs.hidden.shape[:2]) if inputs is not None else \
+        (tuple(samples.shape) if samples is not None and needs_inputs else None)
+    plan = plan_for(model, adapter, config, compute, scorer, shape)
+    phases = Phases(compute.device)
+    report = PruneReport(placement=plan.to_dict())
+    with model_on_device(model, compute.device, plan):
+        streamer = BlockStreamer(blocks, compute.device, plan)
+        acts = None
+        if needs_inputs:
+            with phases("capture"):
+                acts = inputs.clone() if inputs is not None else capture_block_inputs(
+                    model, adapter, samples, config.effective_batch_size, compute, home=plan.activations)
+        ctx = AllocationContext(model, adapter, config, compute, acts, streamer)
+        with phases("allocation"):
+            alloc = allocate(config.allocation, ctx)
+            if config.nm is not None:
+                _nm_targets(alloc, ctx)
+        report.allocation, report.allocation_info = alloc.blocks, alloc.info
+        prepare_biases(model, adapter, scorer)
+        dense = acts.clone() if (config.record_error and acts is not None) else None
+        counts, errors = [], []
+        for i, block in enumerate(tqdm(blocks, desc=f"pruning ({config.method})")):
+            _onload(streamer, block, i, compute.device)
+            linears = adapter.block_linears(block)
+            stats = {}
+            if scorer.needs_stats:
+                with phases("statistics pass"), collect_stats(
+                        linears, None if dense is not None else adapter.linears[-1],
+                        centred=lambda n: scorer.centred(n in adapter.norm_fed),
+                        gram=lambda n: scorer.gram(n in adapter.norm_fed)) as stats:
+                    run_block(block, acts, stats_compute, outputs=dense)
+            flags = []
+            with phases("masks"):
+                for name, module in linears.items():
+                    nm = alloc.nm[i][name] if alloc.nm is not None else None
+                    count, flag = prune_linear(module, adapter, scorer, stats.get(name), name in adapter.norm_fed,
+                                               alloc.sparsity[i][name], nm)
+                    counts.append((f"{adapter.blocks_path}.{i}.{name}", count, module.weight.numel()))
+                    flags.append(flag)
+            if acts is not None and (i + 1 < len(blocks) or dense is not None):
+                meter = ErrorMeter(compute.device) if dense is not None else None
+                with phases("pruned pass"):
+                    run_block(block, acts, compute, outputs=acts if i + 1 < len(blocks) else None,
+                              error=meter, dense=dense)
+                if meter is not None:
+                    errors.append(meter.value())
+            _offload(streamer, block, i)
+            _check_block(i, list(linears), flags)
+        streamer.finish()
+    pruned = torch.stack([c.reshape(()).to("cpu", torch.float64) for _, c, _ in counts]).tolist()
+    report.layers = [{"name": name, "sparsity": p / numel} for (name, _, numel), p in zip(counts, pruned)]
+    report.sparsity = sum(pruned) / sum(numel for _, _, numel in counts)
+    report.block_error = [{"block": i, "rel_mse": e} for i, e in enumerate(torch.stack(errors).tolist())] if errors else []
+    report.phases = phases.totals()
+    report.prune_seconds = time.perf_counter() - start
+    return report
+
+
+def unsavable_biases(model: nn.Module, adapter: Adapter, config: PruneConfig) -> list[str]:
+    """Linears that prune() would give a bias which this architecture's checkpoints cannot store."""
+    scorer = build_scorer(config)
+    block = adapter.blocks(model)[0]
+    return [n for n in adapter.linears if scorer.updates_bias(n in adapter.norm_fed)
+            and not adapter.can_hold_bias(n, block.get_submodule(n))]

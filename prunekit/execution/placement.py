@@ -1,0 +1,113 @@
+"""The placement plan: where the weights and the calibration activations live during a prune.
+
+Decided once, before any work, from sizes known up front; a pure function, so it is tested with
+given sizes. The plans, fastest first:
+
+  device  weights and activations on the compute device;
+  stream  weights on the host (pinned), each block copied up on a side stream while the one before
+          it computes; activations on the device;
+  offload activations on the host too (pinned, in the storage dtype), copied up a batch at a time
+          with the next batch in flight.
+
+On the CPU the three are the same place; the plan says "cpu" for both.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..errors import PrunekitError
+
+GiB = 1 << 30
+OFFLOAD_CHOICES = ("auto", "none", "weights", "cpu")
+PLANS = ("device", "stream", "offload")
+_FOR_CHOICE = {"none": ("device",), "weights": ("stream",), "cpu": ("offload",), "auto": PLANS}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Bytes. `activations`: one (nsamples, seqlen, hidden) copy in the storage dtype;
+    `activation_copies`: how many such copies a run keeps (1, or 2 when the dense outputs are kept to
+    measure the reconstruction error). `work`: the transient peak of one block pass over one batch,
+    its statistics included. device_free None: the compute device is the CPU."""
+    weights: int          # all decoder blocks
+    shell: int            # embeddings, final norm, head
+    block: int            # the largest block
+    activations: int
+    batch_activations: int
+    work: int
+    device_free: int | None
+    host_free: int
+    activation_copies: int = 1
+    storage_dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str             # device | stream | offload
+    weights: str          # where the block weights live between passes: cuda, cpu (pinned) or cpu
+    activations: str      # where block inputs/outputs live: cuda or cpu
+    activation_bytes: int
+    device_bytes: int     # planned peak on the device (0 on the CPU)
+    storage_dtype: str
+
+    @property
+    def streams_weights(self) -> bool:
+        return self.name != "device" and self.weights == "cpu"
+
+    @property
+    def offloads_activations(self) -> bool:
+        return self.name == "offload" and self.activations == "cpu"
+
+    def line(self) -> str:
+        where = f"weights {self.weights}{' (streamed)' if self.streams_weights else ''}, activations " \
+                f"{self.activations} ({self.activation_bytes / GiB:.2f} GiB {self.storage_dtype})"
+        return f"placement: {where}" + (f", plan {self.name}" if self.device_bytes else "")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "line": self.line()}
+
+
+def device_need(plan: str, s: Sizes) -> int:
+    """Peak bytes on the device under `plan`: resident weights (all blocks, or the current and the
+    prefetched one), resident activations (all copies, or two batches in flight), one pass's work."""
+    acts = s.activations * s.activation_copies
+    if plan == "device":
+        return s.weights + s.shell + acts + s.work
+    if plan == "stream":
+        return 2 * s.block + s.shell + acts + s.work
+    return 2 * s.block + s.shell + 4 * s.batch_activations * s.activation_copies + s.work
+
+
+def host_need(plan: str, s: Sizes) -> int:
+    """Bytes the host must hold beyond what it already does: the activations, under `offload`."""
+    return s.activations * s.activation_copies if plan == "offload" else 0
+
+
+def plan_placement(s: Sizes, offload: str = "auto", margin: float = 0.9) -> Plan:
+    """The fastest plan (device, stream, offload) allowed by `offload` that fits in `margin` of the
+    free memory; a one-line PrunekitError naming what would make it fit when none does."""
+    if offload not in _FOR_CHOICE:
+        raise PrunekitError(f"--offload {offload!r} is not one of {', '.join(OFFLOAD_CHOICES)}")
+    acts = s.activations * s.activation_copies
+    if s.device_free is None:  # the CPU: one memory for everything
+        if acts + s.work > margin * s.host_free:
+            raise PrunekitError(_no_fit(s, "host RAM", s.host_free, acts + s.work))
+        return Plan(_FOR_CHOICE[offload][0], "cpu", "cpu", acts, 0, s.storage_dtype)
+    for name in _FOR_CHOICE[offload]:
+        if device_need(name, s) <= margin * s.device_free and host_need(name, s) <= margin * s.host_free:
+            weights = "cuda" if name == "device" else "cpu"
+            activations = "cpu" if name == "offload" else "cuda"
+            return Plan(name, weights, activations, acts, device_need(name, s), s.storage_dtype)
+    last = _FOR_CHOICE[offload][-1]
+    if device_need(last, s) > margin * s.device_free:
+        raise PrunekitError(_no_fit(s, "GPU memory", s.device_free, device_need(last, s), offload))
+    raise PrunekitError(_no_fit(s, "host RAM", s.host_free, host_need(last, s), offload))
+
+
+def _no_fit(s: Sizes, where: str, free: int, need: int, offload: str = "auto") -> str:
+    hint = "lower --nsamples or --seqlen"
+    if offload not in ("auto", "cpu") and where == "GPU memory":
+        hint = "use --offload auto (or cpu), or " + hint
+    return (f"placement: nothing fits: {need / GiB:.2f} GiB needed in {where}, {free / GiB:.2f} GiB free "
+            f"(activations {s.activations * s.activation_copies / GiB:.2f} GiB {s.storage_dtype}, "
+            f"largest block {s.block / GiB:.2f} GiB): {hint}; disk offload does not exist yet")

@@ -1,0 +1,150 @@
+"""Where and in which precision the passes run: the one place that picks devices and dtypes.
+
+Checkpoint dtype and compute dtype are independent. Float32 compute runs every weight in float32 (a
+bf16/fp16 checkpoint is upcast for the duration of a pass, one block at a time, and keeps its own
+dtype at rest). bfloat16/float16 compute is mixed precision, as torch.autocast means it: matmuls and
+attention run in the low dtype while the residual stream inside a block, norms and every statistic
+stay float32. A bf16 checkpoint computed in bf16 is used as it is: nothing is cast.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..attention import cpu_bf16_attention
+from ..errors import PrunekitError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: the GPU when there is one. Asking for cuda without one is a one-line error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PrunekitError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 on CUDA (float16 where the GPU has no bf16), float32 on the CPU, where float32
+    keeps the reference protocol's numbers and bf16 matmuls gain only ~2x."""
+    if name in (None, "auto"):
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Compute:
+    """A device and a compute dtype. `run(module)` is the precision context of every pass; block
+    inputs and outputs are stored in `dtype` between passes (float32 compute keeps them float32)."""
+    device: torch.device
+    dtype: torch.dtype
+    store: torch.dtype | None = None  # storage dtype of block inputs/outputs; None: the compute dtype
+
+    @classmethod
+    def from_config(cls, config) -> "Compute":
+        """The passes' precision. Activations are stored in the compute dtype, unless the statistics
+        passes run in float32 (--stats-dtype float32): then they keep float32 inputs too."""
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        stats = resolve_dtype(config.stats_dtype or config.dtype, device)
+        return cls(device, dtype, torch.float32 if torch.float32 in (dtype, stats) else dtype)
+
+    @classmethod
+    def for_stats(cls, config) -> "Compute":
+        """The dense statistics passes: --stats-dtype, else --dtype. Their precision decides the masks;
+        the pruned passes that only carry inputs forward tolerate bf16 (see README, Benchmarks)."""
+        device = resolve_device(config.device)
+        return cls(device, resolve_dtype(config.stats_dtype or config.dtype, device))
+
+    @property
+    def mixed(self) -> bool:
+        return self.dtype != torch.float32
+
+    @property
+    def storage(self) -> torch.dtype:
+        """The dtype of block inputs/outputs at rest between passes."""
+        return self.store or self.dtype
+
+    @contextlib.contextmanager
+    def run(self, module: nn.Module, exclude: nn.Module | None = None):
+        """Run `module` (a block or a whole model) in this precision, gradients off.
+
+        float32: floating parameters of another dtype point to float32 copies while inside.
+        mixed: the weight matrices of matmul layers point to low-precision copies where they are not
+        already in that dtype (embeddings, norms and biases are left alone; autocast handles them).
+        On exit every parameter points back to its own data, which pruning edits. `exclude`: a
+        submodule whose parameters are left alone (the blocks, while the embeddings run)."""
+        saved, handles = [], []
+        skip = {id(p) for p in exclude.parameters()} if exclude is not None else set()
+        params = [p for p in module.parameters() if p.is_floating_point() and id(p) not in skip]
+        if self.mixed:
+            embeddings = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+            wanted = [p for p in params if p.dim() >= 2 and p.dtype != self.dtype and id(p) not in embeddings]
+        else:
+            wanted = [p for p in params if p.dtype != torch.float32]
+        for p in wanted:
+            saved.append((p, p.data))
+            p.data = p.data.to(self.dtype)
+        if self.mixed:
+            matmul_weights = {id(p) for p in params if p.dim() >= 2 and p.dtype == self.dtype}
+            lower = _LowerOnce(self.dtype)
+            handles = [m.register_forward_pre_hook(lower) for m in module.modules()
+                       if not isinstance(m, nn.Embedding) and id(getattr(m, "weight", None)) in matmul_weights]
+        try:
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.mixed), \
+                    cpu_bf16_attention(self.device.type == "cpu" and self.dtype == torch.bfloat16):
+                yield module
+        finally:
+            for h in handles:
+                h.remove()
+            for p, data in saved:
+                p.data = data
+
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """The residual stream enters a block as float32 (autocast lowers it where a matmul reads it)."""
+        return h.to(self.device, torch.float32, non_blocking=True)
+
+    def tree(self, obj):
+        """Move tensors in (nested) args to the device; floating ones (rotary tables, additive masks)
+        to the compute dtype, as a model running in that dtype would make them."""
+        if isinstance(obj, torch.Tensor):
+            return obj.to(self.device, self.dtype) if obj.is_floating_point() else obj.to(self.device)
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(self.tree(o) for o in obj)
+        if isinstance(obj, dict):
+            return {k: self.tree(v) for k, v in obj.items()}
+        return obj
+
+
+class _LowerOnce:
+    """Pre-hook for the matmul layers in mixed precision: hand them their float32 input in the
+    compute dtype, converting each input tensor once. autocast alone would convert the same normed
+    hidden state again for q, k and v (and gate, up). Hooks registered earlier (the statistics)
+    still see the float32 input."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype, self.last, self.lowered = dtype, None, None
+
+    def __call__(self, module, args):
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype == self.dtype:
+            return None
+        if x is not self.last:
+            self.last, self.lowered = x, x.to(self.dtype)
+        return (self.lowered,) + tuple(args[1:])

@@ -1,0 +1,86 @@
+"""Block weights visiting the compute device: all at once (plan `device`), or one block at a time
+from pinned host memory with the next block copied on a side stream while the current one computes
+(plans `stream` and `offload`). On the CPU there is nothing to move."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .placement import Plan
+
+
+def _tensors(module: nn.Module):
+    yield from module.parameters()
+    yield from module.buffers()
+
+
+class BlockStreamer:
+    """onload(i) before block i computes, prefetch(i + 1) right after it, offload(i) when block i is
+    done (its pruned weights and any new biases go back to pinned host memory, asynchronously).
+    `finish()` waits for the last copies: the host weights are final after it."""
+
+    def __init__(self, blocks: nn.ModuleList, device: torch.device, plan: Plan):
+        self.blocks, self.device = blocks, device
+        self.active = device.type == "cuda" and plan.streams_weights
+        self.side = torch.cuda.Stream(device) if self.active else None
+        self.pending: dict[int, tuple[list, torch.cuda.Event]] = {}
+        self.host: dict[int, torch.Tensor] = {}  # id(parameter or buffer) -> its pinned host tensor
+
+    def prefetch(self, i: int) -> None:
+        if not self.active or i >= len(self.blocks) or i in self.pending:
+            return
+        main = torch.cuda.current_stream(self.device)
+        copies = []
+        self.side.wait_stream(main)  # earlier offloads of the same memory are queued on main
+        with torch.cuda.stream(self.side):
+            for t in _tensors(self.blocks[i]):
+                host = t.data if t.data.is_pinned() else t.data.pin_memory()
+                dev = host.to(self.device, non_blocking=True)
+                copies.append((t, host, dev))
+            event = torch.cuda.Event()
+            event.record(self.side)
+        self.pending[i] = (copies, event)
+
+    def onload(self, i: int) -> None:
+        if not self.active:
+            return
+        self.prefetch(i)
+        copies, event = self.pending.pop(i)
+        main = torch.cuda.current_stream(self.device)
+        main.wait_event(event)
+        for t, host, dev in copies:
+            dev.record_stream(main)
+            self.host[id(t)] = host
+            t.data = dev
+
+    def offload(self, i: int) -> None:
+        if not self.active:
+            return
+        for t in _tensors(self.blocks[i]):
+            dev = t.data
+            host = self.host.pop(id(t), None)
+            if host is None:  # a bias the pruning added on the device
+                host = torch.empty(dev.shape, dtype=dev.dtype, pin_memory=True)
+            host.copy_(dev, non_blocking=True)
+            t.data = host
+
+    def finish(self) -> None:
+        if self.active:
+            torch.cuda.synchronize(self.device)
+
+
+@contextlib.contextmanager
+def model_on_device(model: nn.Module, device: torch.device, plan: Plan):
+    """Plan `device` on a GPU: the whole model goes up first and comes back to where it was at the
+    end (pruned). Otherwise the model stays where it is."""
+    home = next(model.parameters()).device
+    moved = plan.name == "device" and device.type == "cuda" and home != device
+    if moved:
+        model.to(device)
+    try:
+        yield
+    finally:
+        if moved:
+            model.to(home)
