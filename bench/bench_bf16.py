@@ -33,9 +33,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import markdown, meta, protocol, write_results  # noqa: E402
 
-from prunekit import engine  # noqa: E402
+from prunekit.execution import loop, precision  # noqa: E402
 from prunekit import PruneConfig, prune  # noqa: E402
-from prunekit.engine import Compute, capture_block_inputs, collect_stats, run_block  # noqa: E402
+from prunekit.execution import Compute, capture_block_inputs, collect_stats, run_block  # noqa: E402
 from prunekit.evaluate import perplexity  # noqa: E402
 from prunekit.loading import load  # noqa: E402
 from prunekit.masks import nm_mask  # noqa: E402
@@ -64,7 +64,7 @@ def noisy(norms: dict[str, torch.Tensor], eps: float, gen: torch.Generator) -> d
 @contextlib.contextmanager
 def stock_attention():
     """bf16 passes with PyTorch's sdpa instead of prunekit's attention kernel."""
-    with mock.patch.object(engine, "cpu_bf16_attention", lambda enabled=True: contextlib.nullcontext()):
+    with mock.patch.object(precision, "cpu_bf16_attention", lambda enabled=True: contextlib.nullcontext()):
         yield
 
 
@@ -92,8 +92,8 @@ def mask_flips(model, adapter, samples, blocks: list[int], eps_list: list[float]
                     wanda_24_masks(adapter, block, wanda_norms(adapter, block, inputs, BF16)), ref)
             for eps in eps_list:
                 add(i, f"float32 x (1 + {eps_label(eps)} N(0,1))", wanda_24_masks(adapter, block, noisy(exact, eps, gen)), ref)
-        inputs.hidden = run_block(block, inputs, FP32)
-        inputs8.hidden = run_block(block, inputs8, FP32)
+        run_block(block, inputs, FP32, outputs=inputs)
+        run_block(block, inputs8, FP32, outputs=inputs8)
     return rows
 
 
@@ -103,7 +103,7 @@ def eps_label(eps: float) -> str:
 
 def perturbed(eps: float, seed: int):
     """Wrap prune_linear so each layer sees its statistics times (1 + eps * N(0, 1))."""
-    original = engine.prune_linear
+    original = loop.prune_linear
     gen = torch.Generator().manual_seed(seed)
 
     def wrapper(module, adapter, scorer, stats, *args, **kwargs):
@@ -111,7 +111,7 @@ def perturbed(eps: float, seed: int):
             noise = 1 + eps * torch.randn(stats.sum_sq.shape, generator=gen)
             stats = dataclasses.replace(stats, sum_sq=stats.sum_sq * noise)
         return original(module, adapter, scorer, stats, *args, **kwargs)
-    return mock.patch.object(engine, "prune_linear", wrapper)
+    return mock.patch.object(loop, "prune_linear", wrapper)
 
 
 def layer_names(flips: list[dict]) -> list[str]:

@@ -36,8 +36,22 @@ def compare(rows: list[dict]) -> list[dict]:
     return out
 
 
+def aggregate(rows: list[dict]) -> str:
+    """Total low-precision prune time over the calibrated runs (all but magnitude and the
+    --stats-dtype variants) against the same runs in float32."""
+    pairs = [r for r in compare(rows) if r.get("time_ratio") is not None and r["method"].split()[0] != "magnitude"
+             and "--stats-dtype" not in r["method"] and r["method"] != "dense (floor)"]
+    if not pairs:
+        return ""
+    low, high = sum(r["prune_seconds"] for r in pairs), sum(r["prune_fp32"] for r in pairs)
+    return (f"{len(pairs)} calibrated runs: {low:.1f} s in {pairs[0]['dtype']} against {high:.1f} s in float32, "
+            f"{low / high:.3f} in aggregate")
+
+
 if __name__ == "__main__":
     rows = json.load(open(sys.argv[1]))["rows"]
     print(markdown(rows, COLUMNS))
     print()
     print(markdown(compare(rows), COMPARE))
+    print()
+    print(aggregate(rows))

@@ -1,7 +1,14 @@
-"""The whole job in one call: load, calibrate, prune, evaluate, save. The CLI is a thin layer over this."""
+"""The whole job in one call: load, calibrate, prune, evaluate, save. The CLI is a thin layer over this.
+
+`Workspace` holds one loaded model and what can be reused across prunes of it (a sweep): the
+tokenizer, calibration samples, the captured block-0 inputs, evaluation windows and dense results.
+AlphaPruning's eigenvalues are cached on disk by the allocator itself.
+"""
 from __future__ import annotations
 
+import copy
 import platform
+import sys
 import time
 
 import torch
@@ -10,9 +17,10 @@ from . import __version__
 from .allocation import needs_data
 from .config import PruneConfig
 from .data import calibration_samples, eval_windows, load_text, tokenize
-from .execution import Compute, check_prunable, prune, unsavable_biases
 from .errors import PrunekitError
 from .evaluate import perplexity
+from .execution import Compute, capture_block_inputs, check_prunable, prune, unsavable_biases
+from .execution.loop import plan_for
 from .export import check_output_dir, save
 from .loading import load
 from .scoring import build_scorer
@@ -24,54 +32,138 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
+def corpora(eval: str | list[str] | None) -> list[str]:
+    """`wikitext2,ptb` or a list -> the corpus names/files, in order."""
+    if not eval:
+        return []
+    items = eval.split(",") if isinstance(eval, str) else list(eval)
+    return [c.strip() for c in items if c.strip()]
+
+
 def load_eval_windows(tokenizer, corpus: str, seqlen: int, max_windows: int | None) -> torch.Tensor:
     return eval_windows(tokenize(tokenizer, load_text(corpus, "eval")), seqlen, max_windows)
 
 
-def prune_model(model: str, config: PruneConfig, calib: str | None = "wikitext2", eval: str | None = None,
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class Workspace:
+    """A loaded model plus caches keyed by what decides them."""
+
+    def __init__(self, model: str):
+        t0 = time.perf_counter()
+        self.spec = model
+        self.model, self.tokenizer, self.adapter, self.source = load(model)
+        self.load_seconds = time.perf_counter() - t0
+        self._cache: dict = {}
+
+    def _cached(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def samples(self, calib: str, config: PruneConfig) -> torch.Tensor:
+        ids = self._cached(("ids", calib), lambda: tokenize(self.tokenizer, load_text(calib, "calib")))
+        return self._cached(("samples", calib, config.nsamples, config.seqlen, config.seed),
+                            lambda: calibration_samples(ids, config.nsamples, config.seqlen, config.seed))
+
+    def inputs(self, calib: str, config: PruneConfig):
+        """Block-0 inputs for this calibration set and precision, captured once (prune copies them)."""
+        compute = Compute.from_config(config)
+        key = ("inputs", calib, config.nsamples, config.seqlen, config.seed, config.effective_batch_size,
+               str(compute.device), compute.dtype, compute.storage)
+
+        def capture():
+            samples = self.samples(calib, config)
+            plan = plan_for(self.model, self.adapter, config, compute, build_scorer(config), tuple(samples.shape))
+            return capture_block_inputs(self.model, self.adapter, samples, config.effective_batch_size, compute,
+                                        home=plan.activations)
+        return self._cached(key, capture)
+
+    def windows(self, corpus: str, seqlen: int, max_windows: int | None) -> torch.Tensor:
+        return self._cached(("windows", corpus, seqlen, max_windows),
+                            lambda: load_eval_windows(self.tokenizer, corpus, seqlen, max_windows))
+
+    def evaluate(self, net, config: PruneConfig, eval: list[str], seqlen: int, max_windows: int | None,
+                 tasks: list[str] | None, limit: int | None, label: str) -> dict:
+        """Perplexity on each corpus (a float for one corpus, {corpus: ppl} for several) and zero-shot."""
+        compute = Compute.from_config(config)
+        out, ppl = {}, {}
+        for corpus in eval:
+            result = perplexity(net, self.windows(corpus, seqlen, max_windows), compute, desc=f"perplexity ({label})")
+            ppl[corpus] = result["ppl"]
+            out.update(eval_tokens_per_second=result["eval_tokens_per_second"],
+                       eval_windows=result["eval_windows"], eval_seqlen=result["eval_seqlen"])
+        if ppl:
+            out["ppl"] = ppl[eval[0]] if len(eval) == 1 else ppl
+        if tasks:
+            from .zeroshot import evaluate_zeroshot
+            out["zeroshot"] = evaluate_zeroshot(net, self.tokenizer, tasks, limit=limit, device=compute.device)
+        return out
+
+    def dense(self, config, eval, seqlen, max_windows, tasks, limit) -> dict:
+        key = ("dense", tuple(eval), seqlen, max_windows, tuple(tasks or ()), limit, config.dtype, config.device)
+        return self._cached(key, lambda: self.evaluate(self.model, config, eval, seqlen, max_windows, tasks, limit,
+                                                       "dense"))
+
+    def run(self, config: PruneConfig, calib: str | None = "wikitext2", eval=None, eval_seqlen: int | None = None,
+            eval_windows_max: int | None = None, eval_dense: bool = False, out: str | None = None,
+            overwrite: bool = False, tasks: list[str] | None = None, limit: int | None = None,
+            in_place: bool = False, log=_log):
+        """Prune (a copy of) the model; return (run record, pruned model)."""
+        scorer = build_scorer(config)
+        if out:
+            check_output_dir(out, overwrite)
+        check_prunable(self.model, self.adapter, config)
+        if out and (bad := unsavable_biases(self.model, self.adapter, config)):
+            raise PrunekitError(f"{config.method} adds a bias to {', '.join(bad)}, which "
+                                f"{self.model.config.model_type} checkpoints cannot store: pass --no-bias-update, "
+                                f"or prune without --out")
+        eval = corpora(eval)
+        seqlen = eval_seqlen or config.seqlen
+        for corpus in eval:  # a missing corpus fails before the prune, not after it
+            self.windows(corpus, seqlen, eval_windows_max)
+        needs = scorer.needs_stats or needs_data(config.allocation)
+        if needs and not calib:
+            raise PrunekitError(f"method {config.method} needs calibration data: pass --calib")
+        inputs = self.inputs(calib, config) if needs and not in_place else None
+        samples = self.samples(calib, config) if needs and in_place else None
+        record = {"model": self.spec, "config": config.to_dict(), "calib": calib,
+                  "eval": eval[0] if len(eval) == 1 else (eval or None), "versions": versions(),
+                  "load_seconds": self.load_seconds}
+        if (eval or tasks) and eval_dense:
+            dense = self.dense(config, eval, seqlen, eval_windows_max, tasks, limit)
+            record.update({f"{k}_dense": v for k, v in dense.items() if k in ("ppl", "zeroshot")})
+        net = self.model if in_place else copy.deepcopy(self.model)
+        report = prune(net, config, samples, self.adapter, inputs=inputs, log=log)
+        record.update(sparsity=report.sparsity, prune_seconds=report.prune_seconds, placement=report.placement,
+                      phases=report.phases, allocation=report.allocation, allocation_info=report.allocation_info,
+                      layers=report.layers)
+        if report.block_error:
+            record["block_error"] = report.block_error
+        record.update(self.evaluate(net, config, eval, seqlen, eval_windows_max, tasks, limit, "pruned"))
+        if out:
+            record["out"] = save(net, self.tokenizer, out, record, overwrite)
+        return record, net
+
+
+def prune_model(model: str, config: PruneConfig, calib: str | None = "wikitext2", eval=None,
                 eval_seqlen: int | None = None, eval_windows_max: int | None = None, eval_dense: bool = False,
-                out: str | None = None, overwrite: bool = False):
+                out: str | None = None, overwrite: bool = False, tasks: list[str] | None = None,
+                limit: int | None = None, log=_log):
     """Prune the model named by `model` (folder, .gguf, hub id or alias); return (run record, pruned model)."""
     build_scorer(config)  # unknown method: fail before loading anything
     if out:
         check_output_dir(out, overwrite)
-    t0 = time.perf_counter()
-    net, tokenizer, adapter, source = load(model)
-    load_seconds = time.perf_counter() - t0
-    check_prunable(net, adapter, config)
-    if out and (bad := unsavable_biases(net, adapter, config)):
-        raise PrunekitError(f"{config.method} adds a bias to {', '.join(bad)}, which {net.config.model_type} "
-                            f"checkpoints cannot store: pass --no-bias-update, or prune without --out")
-    compute = Compute.from_config(config)
-    windows = None
-    if eval:
-        windows = load_eval_windows(tokenizer, eval, eval_seqlen or config.seqlen, eval_windows_max)
-    samples = None
-    if calib and (build_scorer(config).needs_stats or needs_data(config.allocation)):
-        ids = tokenize(tokenizer, load_text(calib, "calib"))
-        samples = calibration_samples(ids, config.nsamples, config.seqlen, config.seed)
-
-    record = {"model": model, "config": config.to_dict(), "calib": calib, "eval": eval,
-              "versions": versions(), "load_seconds": load_seconds}
-    if windows is not None and eval_dense:
-        dense = perplexity(net, windows, compute, desc="perplexity (dense)")
-        record["ppl_dense"] = dense["ppl"]
-    report = prune(net, config, samples, adapter)
-    record.update(sparsity=report.sparsity, prune_seconds=report.prune_seconds,
-                  allocation=report.allocation, allocation_info=report.allocation_info, layers=report.layers)
-    if windows is not None:
-        result = perplexity(net, windows, compute, desc="perplexity (pruned)")
-        record.update(ppl=result["ppl"], eval_tokens_per_second=result["eval_tokens_per_second"],
-                      eval_windows=result["eval_windows"], eval_seqlen=result["eval_seqlen"])
-    if out:
-        record["out"] = save(net, tokenizer, out, record, overwrite)
-    return record, net
+    return Workspace(model).run(config, calib, eval, eval_seqlen, eval_windows_max, eval_dense, out, overwrite,
+                                tasks, limit, in_place=True, log=log)
 
 
-def evaluate_model(model: str, eval: str, seqlen: int = 2048, max_windows: int | None = None,
-                   device: str = "auto", dtype: str = "float32") -> dict:
-    net, tokenizer, _, _ = load(model)
-    windows = load_eval_windows(tokenizer, eval, seqlen, max_windows)
-    compute = Compute.from_config(PruneConfig(device=device, dtype=dtype))
-    result = perplexity(net, windows, compute)
+def evaluate_model(model: str, eval=None, seqlen: int = 2048, max_windows: int | None = None,
+                   device: str = "auto", dtype: str = "auto", tasks: list[str] | None = None,
+                   limit: int | None = None) -> dict:
+    ws = Workspace(model)
+    config = PruneConfig(device=device, dtype=dtype)
+    result = ws.evaluate(ws.model, config, corpora(eval), seqlen, max_windows, tasks, limit, "model")
     return {"model": model, "eval": eval, **result, "versions": versions()}

@@ -1,4 +1,4 @@
-"""prunekit command line: `prunekit prune ...`, `prunekit eval ...`."""
+"""prunekit command line: `prunekit prune|eval|analyze|sweep|report ...`."""
 from __future__ import annotations
 
 import argparse
@@ -11,12 +11,17 @@ from .errors import PrunekitError
 
 
 def _add_eval_args(p, seqlen_flag: str):
-    p.add_argument("--eval", metavar="CORPUS", help="text/JSONL file or dataset name (wikitext2, c4, ptb)")
+    p.add_argument("--eval", metavar="CORPUS[,CORPUS]",
+                   help="text/JSONL file(s) or dataset name(s) (wikitext2, c4, ptb), comma-separated")
     p.add_argument(seqlen_flag, type=int, dest="eval_seqlen", metavar="L", help="evaluation window length")
     p.add_argument("--eval-windows", type=int, metavar="N", help="keep only the first N windows")
+    p.add_argument("--tasks", metavar="T[,T]", help="zero-shot tasks (lm-eval): boolq,rte,hellaswag,winogrande,"
+                                                    "arc_easy,arc_challenge,openbookqa,piqa, or all")
+    p.add_argument("--limit", type=int, metavar="N", help="zero-shot: first N documents per task")
     p.add_argument("--json", metavar="FILE", help="write the run record as JSON")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16, float16")
+    p.add_argument("--dtype", default="auto",
+                   help="compute dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16, float16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a model, evaluate it, save it")
-    p.add_argument("--model", required=True, help="HF folder, hub id, .gguf file, or alias smollm2-135m")
-    p.add_argument("--method", default="wanda", help="magnitude, wanda, stade, stade-w")
+    p.add_argument("--model", help="HF folder, hub id, .gguf file, or alias smollm2-135m")
+    p.add_argument("--config", metavar="FILE", help="a recipe (YAML/JSON PruneConfig, or a saved prunekit.json); "
+                                                    "flags typed on the command line override it")
+    p.add_argument("--method", default="wanda", help="magnitude, wanda, stade, stade-w, sparsegpt")
     p.add_argument("--sparsity", type=float, help="target sparsity in (0, 1); default 0.5, or N/M for N:M")
     p.add_argument("--pattern", default="unstructured", help="unstructured or N:M (N of every M pruned), e.g. 2:4")
     p.add_argument("--allocation", default="uniform", help="per-layer sparsity: uniform, alpha, owl")
@@ -36,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="calibration sequences per block forward")
     p.add_argument("--stats-dtype", help="compute dtype of the dense statistics passes (default: --dtype); "
                                          "--dtype bfloat16 --stats-dtype float32: float32-quality masks, faster")
+    p.add_argument("--offload", default="auto", help="placement: auto (fastest that fits), none (all on the GPU), "
+                                                     "weights (blocks streamed from host), cpu (activations too)")
+    p.add_argument("--record-error", action="store_true",
+                   help="record each block's relative output error (pruned vs dense) in the JSON")
+    p.add_argument("--esd-dtype", default="auto", help="AlphaPruning eigensolver precision: auto, float32, float64")
     p.add_argument("--no-bias-update", action="store_true", help="STADE without mean compensation")
     p.add_argument("--wanda-variant", action="store_true", help="Wanda appendix variant (cumulative threshold)")
     p.add_argument("--eval-dense", action="store_true", help="also evaluate the dense model first")
@@ -44,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p, "--eval-seqlen")
     _add_allocation_args(p)
 
-    e = sub.add_parser("eval", help="perplexity of a model or a saved pruned model")
+    e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or a saved pruned model")
     e.add_argument("--model", required=True)
     _add_eval_args(e, "--seqlen")
 
@@ -54,7 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--json", metavar="FILE")
     z.add_argument("--plot", metavar="FILE.png")
     z.add_argument("--device", default="auto")
+    z.add_argument("--esd-dtype", default="auto", help="eigensolver precision: auto, float32, float64")
     _add_allocation_args(z)
+
+    s = sub.add_parser("sweep", help="run a grid of prunes of one model, resumable, one JSON line per cell")
+    s.add_argument("--config", required=True, metavar="SWEEP.yaml")
+    s.add_argument("--results", metavar="FILE.jsonl", help="results file (default: the sweep's `results`)")
+
+    r = sub.add_parser("report", help="markdown report with tables and plots from sweep results")
+    r.add_argument("results", metavar="RESULTS.jsonl")
+    r.add_argument("--out", required=True, metavar="DIR")
     return parser
 
 
@@ -72,14 +93,42 @@ def _add_allocation_args(p):
 def _allocation_options(args) -> dict:
     return dict(sparsity=args.sparsity, device=args.device, epsilon=args.epsilon, alpha_metric=args.alpha_metric,
                 alpha_mapping=args.alpha_mapping, alpha_reference_quirk=args.alpha_reference_quirk,
-                owl_m=args.owl_m, owl_lambda=args.owl_lambda, max_layer_sparsity=args.max_layer_sparsity)
+                owl_m=args.owl_m, owl_lambda=args.owl_lambda, max_layer_sparsity=args.max_layer_sparsity,
+                esd_dtype=args.esd_dtype)
 
 
 def _config(args) -> PruneConfig:
     return PruneConfig(method=args.method, pattern=args.pattern, allocation=args.allocation,
                        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
-                       dtype=args.dtype, stats_dtype=args.stats_dtype, bias_update=not args.no_bias_update, wanda_variant=args.wanda_variant,
-                       **_allocation_options(args))
+                       dtype=args.dtype, stats_dtype=args.stats_dtype, offload=args.offload,
+                       record_error=args.record_error, bias_update=not args.no_bias_update,
+                       wanda_variant=args.wanda_variant, **_allocation_options(args))
+
+
+def _tasks(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    from .zeroshot import TASKS
+    return list(TASKS) if value == "all" else [t.strip() for t in value.split(",") if t.strip()]
+
+
+def _prune_run(parser, args, argv) -> tuple[PruneConfig, dict]:
+    """The config and the run options (model, corpora), from the flags or from a recipe plus typed flags."""
+    run = {k: getattr(args, k) for k in ("model", "calib", "eval", "eval_seqlen", "eval_windows")}
+    if not args.config:
+        if not args.model:
+            raise PrunekitError("prune needs --model (a folder, .gguf, hub id or smollm2-135m) or --config FILE")
+        return _config(args), run
+    from .recipe import explicit_args, load_recipe, merge, overrides_from_args, recorded_run
+    typed = explicit_args(parser, argv if argv is not None else sys.argv[1:])
+    config = merge(load_recipe(args.config), overrides_from_args(args, typed))
+    saved = recorded_run(args.config)
+    for key in run:
+        if key not in typed and key in saved:
+            run[key] = saved[key]
+    if not run["model"]:
+        raise PrunekitError(f"{args.config} names no model: pass --model")
+    return config, run
 
 
 def _write_json(path: str, record: dict) -> None:
@@ -89,26 +138,59 @@ def _write_json(path: str, record: dict) -> None:
     os.replace(tmp, path)
 
 
+def _fmt_ppl(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v:.3f}" for k, v in value.items())
+    return f"{value:.3f}"
+
+
 def _summary(record: dict) -> str:
-    parts = [f"sparsity {record['sparsity']:.4f}", f"pruned in {record['prune_seconds']:.1f} s"]
+    parts = []
+    if "sparsity" in record:
+        parts += [f"sparsity {record['sparsity']:.4f}", f"pruned in {record['prune_seconds']:.1f} s"]
     if "ppl_dense" in record:
-        parts.append(f"dense ppl {record['ppl_dense']:.3f}")
+        parts.append(f"dense ppl {_fmt_ppl(record['ppl_dense'])}")
     if "ppl" in record:
-        parts.append(f"pruned ppl {record['ppl']:.3f}")
+        parts.append(f"{'pruned ' if 'sparsity' in record else ''}ppl {_fmt_ppl(record['ppl'])}")
+    if "zeroshot_dense" in record:
+        parts.append(f"dense zero-shot mean {record['zeroshot_dense']['mean']:.4f}")
+    if "zeroshot" in record:
+        parts.append(f"zero-shot mean {record['zeroshot']['mean']:.4f}")
     if "out" in record:
         parts.append(f"saved to {record['out']}")
     return " | ".join(parts)
 
 
+def _sweep(args) -> dict:
+    from . import api
+    from .sweep import load_sweep, run_sweep
+    spec = load_sweep(args.config)
+    workspace = api.Workspace(spec["model"])
+
+    def run_cell(config: PruneConfig) -> dict:
+        record, _ = workspace.run(config, spec.get("calib", "wikitext2"), spec.get("eval"), spec.get("eval_seqlen"),
+                                  spec.get("eval_windows"), spec.get("eval_dense", False),
+                                  tasks=_tasks(spec.get("tasks")) if isinstance(spec.get("tasks"), str)
+                                  else spec.get("tasks"), limit=spec.get("limit"))
+        return record
+    summary = run_sweep(spec, run_cell, args.results, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(f"sweep: {summary['ran']} ran ({summary['failed']} failed), {summary['skipped_finished']} already done, "
+          f"{summary['skipped_impossible']} impossible; results in {summary['results']}")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         from . import api  # heavy imports (torch, transformers) after argument parsing
+        record = None
         if args.command == "prune":
-            config = _config(args)
-            record, _ = api.prune_model(args.model, config, calib=args.calib, eval=args.eval,
-                                        eval_seqlen=args.eval_seqlen, eval_windows_max=args.eval_windows,
-                                        eval_dense=args.eval_dense, out=args.out, overwrite=args.overwrite)
+            config, run = _prune_run(parser, args, argv)
+            record, _ = api.prune_model(run["model"], config, calib=run["calib"], eval=run["eval"],
+                                        eval_seqlen=run["eval_seqlen"], eval_windows_max=run["eval_windows"],
+                                        eval_dense=args.eval_dense, out=args.out, overwrite=args.overwrite,
+                                        tasks=_tasks(args.tasks), limit=args.limit)
             print(_summary(record))
         elif args.command == "analyze":
             from . import analyze
@@ -116,13 +198,19 @@ def main(argv: list[str] | None = None) -> int:
             print(analyze.table(record))
             if args.plot:
                 analyze.plot(record, args.plot)
+        elif args.command == "sweep":
+            _sweep(args)
+        elif args.command == "report":
+            from .report import write_report
+            print(write_report(args.results, args.out))
         else:
-            if not args.eval:
-                raise PrunekitError("eval needs --eval CORPUS (a text file or a dataset name such as wikitext2)")
+            if not args.eval and not args.tasks:
+                raise PrunekitError("eval needs --eval CORPUS (a text file or a dataset name such as wikitext2) "
+                                    "or --tasks TASKS")
             record = api.evaluate_model(args.model, args.eval, args.eval_seqlen or 2048, args.eval_windows,
-                                        args.device, args.dtype)
-            print(f"ppl {record['ppl']:.3f} over {record['eval_windows']} windows of {record['eval_seqlen']}")
-        if args.json:
+                                        args.device, args.dtype, tasks=_tasks(args.tasks), limit=args.limit)
+            print(_summary(record))
+        if record is not None and getattr(args, "json", None):
             _write_json(args.json, record)
     except PrunekitError as exc:
         print(f"prunekit: error: {exc}", file=sys.stderr)

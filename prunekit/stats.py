@@ -8,7 +8,7 @@ X^T X (SparseGPT's Hessian is 2/N_seq of it), accumulated in float32 by one matm
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,7 @@ class ChannelStats:
     centred: bool = True            # False: sum of squares only (no mean/variance)
     gram: bool = False              # also keep xtx = sum over tokens of x x^T (columns x columns)
     xtx: torch.Tensor | None = None
+    derived: dict = field(default_factory=dict)  # what a scorer computes once per input (SparseGPT's Hinv)
 
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of inputs x of shape (..., columns); the leading dims are (sequences, tokens) or tokens."""

@@ -138,11 +138,15 @@ def check_prunable(model: nn.Module, adapter: Adapter, config: PruneConfig) -> N
 
 
 def prune_linear(module: nn.Module, adapter: Adapter, scorer: Scorer, stats, norm_fed: bool,
-                 sparsity: float, nm: tuple[int, int] | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                 sparsity: float, nm: tuple[int, int] | None, name: str = "") -> tuple:
     """Score, mask, compensate and zero one linear layer in place, in its own dtype. Returns the
-    number of pruned weights and the NaN/inf flags (statistics, scores) as device tensors."""
+    number of pruned weights and the NaN/inf flags (statistics, scores) as device tensors, and the
+    method's per-layer facts (or None)."""
     weight = adapter.weight(module)
-    result = scorer.prune(weight.detach().float(), stats, sparsity, nm, norm_fed)
+    try:
+        result = scorer.prune(weight.detach().float(), stats, sparsity, nm, norm_fed)
+    except PrunekitError as exc:
+        raise PrunekitError(f"{name}: {exc}") from None
     with torch.no_grad():
         if result.bias_delta is not None:
             _ensure_bias(module)
@@ -151,7 +155,7 @@ def prune_linear(module: nn.Module, adapter: Adapter, scorer: Scorer, stats, nor
             weight.copy_(result.weight)
         weight.masked_fill_(result.mask, 0)
     flags = [stats.nonfinite() if stats is not None else None, result.nonfinite]
-    return result.mask.sum(), flags
+    return result.mask.sum(), flags, result.info
 
 
 def _check_block(i: int, names: list[str], flags: list[list]) -> None:
@@ -241,10 +245,11 @@ def prepare_biases(model: nn.Module, adapter: Adapter, scorer: Scorer) -> None:
 
 
 def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = None,
-          adapter: Adapter | None = None, inputs: Activations | None = None) -> PruneReport:
+          adapter: Adapter | None = None, inputs: Activations | None = None, log=None) -> PruneReport:
     """Prune `model` in place. `samples`: (nsamples, seqlen) calibration token ids (unused by
     magnitude with a uniform allocation). `inputs`: block-0 inputs captured earlier with the same
-    samples and compute (a sweep reuses them; they are copied, not consumed)."""
+    samples and compute (a sweep reuses them; they are copied, not consumed). `log(line)` receives
+    the placement line before any work."""
     start = time.perf_counter()
     adapter = adapter or adapter_for(model.config.model_type)
     scorer = build_scorer(config)
@@ -257,6 +262,8 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
     shape = tuple(inputs.hidden.shape[:2]) if inputs is not None else \
         (tuple(samples.shape) if samples is not None and needs_inputs else None)
     plan = plan_for(model, adapter, config, compute, scorer, shape)
+    if log is not None:
+        log(plan.line())
     phases = Phases(compute.device)
     report = PruneReport(placement=plan.to_dict())
     with model_on_device(model, compute.device, plan):
@@ -289,10 +296,13 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
             with phases("masks"):
                 for name, module in linears.items():
                     nm = alloc.nm[i][name] if alloc.nm is not None else None
-                    count, flag = prune_linear(module, adapter, scorer, stats.get(name), name in adapter.norm_fed,
-                                               alloc.sparsity[i][name], nm)
-                    counts.append((f"{adapter.blocks_path}.{i}.{name}", count, module.weight.numel()))
+                    full = f"{adapter.blocks_path}.{i}.{name}"
+                    count, flag, info = prune_linear(module, adapter, scorer, stats.get(name),
+                                                     name in adapter.norm_fed, alloc.sparsity[i][name], nm, full)
+                    counts.append((full, count, module.weight.numel(), info))
                     flags.append(flag)
+                    if info and log is not None:
+                        log(f"{full}: {info}")
             if acts is not None and (i + 1 < len(blocks) or dense is not None):
                 meter = ErrorMeter(compute.device) if dense is not None else None
                 with phases("pruned pass"):
@@ -303,9 +313,10 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
             _offload(streamer, block, i)
             _check_block(i, list(linears), flags)
         streamer.finish()
-    pruned = torch.stack([c.reshape(()).to("cpu", torch.float64) for _, c, _ in counts]).tolist()
-    report.layers = [{"name": name, "sparsity": p / numel} for (name, _, numel), p in zip(counts, pruned)]
-    report.sparsity = sum(pruned) / sum(numel for _, _, numel in counts)
+    pruned = torch.stack([c.reshape(()).to("cpu", torch.float64) for _, c, _, _ in counts]).tolist()
+    report.layers = [{"name": name, "sparsity": p / numel, **(info or {})}
+                     for (name, _, numel, info), p in zip(counts, pruned)]
+    report.sparsity = sum(pruned) / sum(numel for _, _, numel, _ in counts)
     report.block_error = [{"block": i, "rel_mse": e} for i, e in enumerate(torch.stack(errors).tolist())] if errors else []
     report.phases = phases.totals()
     report.prune_seconds = time.perf_counter() - start

@@ -87,7 +87,8 @@ class Compute:
 
         float32: floating parameters of another dtype point to float32 copies while inside.
         mixed: the weight matrices of matmul layers point to low-precision copies where they are not
-        already in that dtype (embeddings, norms and biases are left alone; autocast handles them).
+        already in that dtype (embeddings, RMS norms and biases are left alone; autocast handles
+        them; LayerNorm parameters get float32 copies).
         On exit every parameter points back to its own data, which pruning edits. `exclude`: a
         submodule whose parameters are left alone (the blocks, while the embeddings run)."""
         saved, handles = [], []
@@ -95,12 +96,17 @@ class Compute:
         params = [p for p in module.parameters() if p.is_floating_point() and id(p) not in skip]
         if self.mixed:
             embeddings = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-            wanted = [p for p in params if p.dim() >= 2 and p.dtype != self.dtype and id(p) not in embeddings]
+            wanted = [(p, self.dtype) for p in params
+                      if p.dim() >= 2 and p.dtype != self.dtype and id(p) not in embeddings]
+            # nn.LayerNorm on the CPU refuses a float32 input with low-precision parameters: give
+            # those (tiny, 1-D) parameters float32 copies, as the residual stream is float32
+            wanted += [(p, torch.float32) for m in module.modules() if isinstance(m, nn.LayerNorm)
+                       for p in m.parameters() if p.dtype != torch.float32 and id(p) not in skip]
         else:
-            wanted = [p for p in params if p.dtype != torch.float32]
-        for p in wanted:
+            wanted = [(p, torch.float32) for p in params if p.dtype != torch.float32]
+        for p, dtype in wanted:
             saved.append((p, p.data))
-            p.data = p.data.to(self.dtype)
+            p.data = p.data.to(dtype)
         if self.mixed:
             matmul_weights = {id(p) for p in params if p.dim() >= 2 and p.dtype == self.dtype}
             lower = _LowerOnce(self.dtype)

@@ -26,6 +26,7 @@ class LinearPrune:
     weight: torch.Tensor | None = None
     bias_delta: torch.Tensor | None = None
     nonfinite: torch.Tensor | None = None
+    info: dict | None = None      # per-layer facts for the report (SparseGPT: damping raised)
 
 
 def register_scorer(name: str):
@@ -88,4 +89,4 @@ def build_scorer(config) -> Scorer:
     return SCORERS[config.method](config)
 
 
-from . import magnitude, stade, wanda  # noqa: E402,F401  (registration)
+from . import magnitude, sparsegpt, stade, wanda  # noqa: E402,F401  (registration)

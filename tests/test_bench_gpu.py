@@ -1,0 +1,21 @@
+"""bench/bench_gpu.py runs on the CPU with a tiny shape: every row has its numbers and the JSON is written."""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+
+
+def test_bench_gpu_tiny(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    import bench_gpu
+    out = tmp_path / "gpu.json"
+    rows = bench_gpu.main(["--shape", "tiny", "--layers", "2", "--nsamples", "4", "--seqlen", "64",
+                           "--runs", "wanda", "wanda 2:4 alpha", "--offload", "auto", "cpu", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert [r["run"] for r in saved["rows"]] == ["wanda", "wanda", "wanda 2:4 alpha", "wanda 2:4 alpha"]
+    for row in rows:
+        assert row["prune_s"] > 0 and row["floor_s"] > 0 and row["peak_rss_gib"] > 0
+        assert row["sparsity"] > 0.49 and row["placement"]["line"].startswith("placement:")
+        assert {"statistics pass", "masks"} <= set(row["phases"])
+    assert saved["meta"]["shape"] == "tiny" and saved["meta"]["blocks"] == 2

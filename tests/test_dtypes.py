@@ -1,0 +1,103 @@
+"""Any checkpoint dtype x any compute dtype, for every method and pattern, end to end; the saved model
+keeps the checkpoint's dtype; float32 compute gives a bf16/fp16 checkpoint the masks of a float32 one."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import byte_tokenizer, tiny_model
+from prunekit import PruneConfig, prune
+from prunekit.adapters import adapter_for
+from prunekit.api import prune_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """tiny Llama, Qwen2 and OPT saved in float32, bfloat16 and float16, with a byte tokenizer."""
+    root = tmp_path_factory.mktemp("ckpt")
+    paths = {}
+    for arch in ("llama", "qwen2", "opt"):
+        for name, dtype in DTYPES.items():
+            path = root / f"{arch}-{name}"
+            tiny_model(arch).to(dtype).save_pretrained(path)
+            byte_tokenizer().save_pretrained(path)
+            paths[arch, name] = str(path)
+    return paths
+
+
+def _saved_dtypes(folder: str) -> set:
+    with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
+        return {f.get_slice(k).get_dtype() for k in f.keys()}
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+@pytest.mark.parametrize("method", ["wanda", "stade", "magnitude"])
+@pytest.mark.parametrize("dtype", ["auto", "float32", "bfloat16"])
+@pytest.mark.parametrize("ckpt", list(DTYPES))
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
+def test_dtype_matrix(arch, ckpt, dtype, method, pattern, checkpoints, corpus_file, tmp_path):
+    out = None if (arch == "qwen2" and method == "stade") else str(tmp_path / "out")  # qwen2 cannot store biases
+    config = PruneConfig(method=method, pattern=pattern, nsamples=4, seqlen=32, dtype=dtype, device="cpu")
+    record, net = prune_model(checkpoints[arch, ckpt], config, calib=corpus_file, eval=corpus_file,
+                              eval_seqlen=64, eval_windows_max=2, out=out, log=None)
+    assert record["sparsity"] == pytest.approx(0.5, abs=1e-6)
+    assert torch.isfinite(torch.tensor(record["ppl"]))
+    assert {p.dtype for p in net.parameters()} == {DTYPES[ckpt]}  # edited in the checkpoint's dtype
+    if out:
+        assert _saved_dtypes(out) == {{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[ckpt]}
+        assert json.load(open(os.path.join(out, "prunekit.json")))["placement"]["line"].startswith("placement:")
+
+
+def _masks(model, adapter):
+    return {f"{i}.{n}": adapter.weight(m) == 0 for i, b in enumerate(adapter.blocks(model))
+            for n, m in adapter.block_linears(b).items()}
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+@pytest.mark.parametrize("method", ["wanda", "stade", "magnitude"])
+@pytest.mark.parametrize("ckpt", ["bfloat16", "float16"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
+def test_float32_compute_masks_equal_float32_checkpoint(arch, ckpt, method, pattern, samples):
+    """A low-precision checkpoint computed in float32 is its values upcast: the masks equal those of a
+    float32 checkpoint holding the same values, and the kept weights are untouched. (STADE stores its
+    bias compensation in the checkpoint's dtype, so from block 1 on its inputs differ by that rounding:
+    its first block is compared.)"""
+    adapter = adapter_for(arch)
+    low = tiny_model(arch).to(DTYPES[ckpt])
+    high = tiny_model(arch).to(DTYPES[ckpt]).float()
+    config = PruneConfig(method=method, pattern=pattern, nsamples=8, seqlen=32, dtype="float32", device="cpu")
+    prune(low, config, samples)
+    prune(high, config, samples)
+    for name, mask in _masks(high, adapter).items():
+        if method != "stade" or name.startswith("0."):
+            assert torch.equal(_masks(low, adapter)[name], mask), name
+    first = f"{adapter.blocks_path}.0."
+    for (n, a), (_, b) in zip(low.named_parameters(), high.named_parameters()):
+        if "bias" not in n and (method != "stade" or n.startswith(first) or ".layers." not in n):
+            assert torch.equal(a.float(), b), n
+
+
+def test_bf16_checkpoint_in_bf16_is_used_as_is(samples, monkeypatch):
+    """No float32 master copy and no per-pass casts of a bf16 checkpoint computed in bf16."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    casts = []
+    original = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if isinstance(self, torch.nn.Parameter) or (self.dim() == 2 and self.dtype != out.dtype
+                                                     and self.shape[0] in (64, 128) and self.shape[1] in (64, 128)):
+            casts.append(tuple(self.shape))
+        return out
+    report = prune(model, PruneConfig(method="wanda", nsamples=8, seqlen=32, dtype="bfloat16", device="cpu"), samples)
+    assert report.sparsity == pytest.approx(0.5)
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "to", spy)
+        from prunekit.execution import Compute
+        with Compute(torch.device("cpu"), torch.bfloat16).run(model.model.layers[0]) as block:
+            assert all(p.dtype == torch.bfloat16 for p in block.parameters())  # LLaMA: RMS norms, no LayerNorm
+    assert not casts

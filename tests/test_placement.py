@@ -1,0 +1,109 @@
+"""The placement planner on given sizes, and every plan giving the same masks and weights."""
+import pytest
+import torch
+
+from conftest import tiny_model
+from prunekit import PruneConfig, PrunekitError, prune
+from prunekit.adapters import adapter_for
+from prunekit.execution.placement import GiB, Sizes, device_need, plan_placement
+
+# LLaMA-2-7B in bf16 with 128 x 2048 calibration tokens
+SEVEN_B = dict(weights=int(12.3 * GiB), shell=int(0.5 * GiB), block=int(0.38 * GiB), activations=2 * GiB,
+               batch_activations=2 * GiB // 16, work=int(0.6 * GiB), host_free=100 * GiB, storage_dtype="bfloat16")
+
+
+def sizes(**kw) -> Sizes:
+    return Sizes(**{**SEVEN_B, "device_free": 78 * GiB, **kw})
+
+
+def test_everything_fits_on_an_h100():
+    plan = plan_placement(sizes())
+    assert (plan.name, plan.weights, plan.activations) == ("device", "cuda", "cuda")
+    assert plan.line() == "placement: weights cuda, activations cuda (2.00 GiB bfloat16), plan device"
+
+
+def test_weights_stream_when_they_do_not_fit():
+    plan = plan_placement(sizes(device_free=10 * GiB))
+    assert (plan.name, plan.weights, plan.activations) == ("stream", "cpu", "cuda")
+    assert plan.streams_weights and "weights cpu (streamed)" in plan.line()
+
+
+def test_activations_go_to_the_host_last():
+    plan = plan_placement(sizes(device_free=3 * GiB, activations=40 * GiB))
+    assert (plan.name, plan.weights, plan.activations) == ("offload", "cpu", "cpu")
+    assert plan.device_bytes == device_need("offload", sizes(device_free=3 * GiB, activations=40 * GiB))
+
+
+def test_forced_plans_and_their_errors():
+    assert plan_placement(sizes(device_free=10 * GiB), "cpu").name == "offload"
+    assert plan_placement(sizes(), "weights").name == "stream"
+    with pytest.raises(PrunekitError, match=r"nothing fits.*GPU memory.*--offload auto"):
+        plan_placement(sizes(device_free=10 * GiB), "none")
+
+
+def test_nothing_fits_names_the_fix():
+    with pytest.raises(PrunekitError, match=r"nothing fits: .* GiB needed in GPU memory.*lower --nsamples or --seqlen"):
+        plan_placement(sizes(device_free=1 * GiB))
+    with pytest.raises(PrunekitError, match=r"host RAM.*lower --nsamples"):
+        plan_placement(sizes(device_free=3 * GiB, activations=40 * GiB, host_free=20 * GiB))
+    with pytest.raises(PrunekitError, match="host RAM"):  # the CPU: one memory
+        plan_placement(sizes(device_free=None, activations=30 * GiB, host_free=24 * GiB))
+    with pytest.raises(PrunekitError, match="--offload 'disk' is not one of"):
+        plan_placement(sizes(), "disk")
+
+
+def test_cpu_plan_and_dense_copies():
+    plan = plan_placement(sizes(device_free=None, storage_dtype="float32", activation_copies=2))
+    assert (plan.weights, plan.activations, plan.activation_bytes) == ("cpu", "cpu", 4 * GiB)
+    assert plan.line() == "placement: weights cpu, activations cpu (4.00 GiB float32)"
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method,allocation,pattern", [("wanda", "uniform", "unstructured"), ("stade", "owl", "2:4"),
+                                                       ("magnitude", "alpha", "unstructured")])
+def test_every_plan_gives_the_same_model(method, allocation, pattern, samples, tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = {}
+    for offload in ("none", "weights", "cpu"):
+        model = tiny_model("llama")
+        config = PruneConfig(method=method, allocation=allocation, pattern=pattern,
+                             sparsity=0.5 if pattern == "unstructured" else None, nsamples=8, seqlen=32,
+                             batch_size=3, dtype="float32", device=device, offload=offload)
+        report = prune(model, config, samples)
+        results[offload] = (_state(model), report)
+    reference, ref_report = results["none"]
+    for offload, (state, report) in results.items():
+        assert report.layers == ref_report.layers
+        for k in reference:
+            assert torch.equal(state[k], reference[k]), (offload, k)
+
+
+def test_record_error_per_block(samples):
+    model = tiny_model("llama")
+    report = prune(model, PruneConfig(method="wanda", nsamples=8, seqlen=32, record_error=True, device="cpu"), samples)
+    assert [e["block"] for e in report.block_error] == [0, 1]
+    assert all(0 < e["rel_mse"] < 1 for e in report.block_error)
+    # by hand for block 0: same inputs, dense vs pruned block
+    dense = tiny_model("llama")
+    with torch.no_grad():
+        h = dense.model.embed_tokens(samples)
+        pos = torch.arange(samples.shape[1])[None]
+        rope = dense.model.rotary_emb(h, pos)
+        y_dense = dense.model.layers[0](h, position_embeddings=rope)
+        y_pruned = model.model.layers[0](h, position_embeddings=rope)
+    y_dense = y_dense[0] if isinstance(y_dense, tuple) else y_dense
+    y_pruned = y_pruned[0] if isinstance(y_pruned, tuple) else y_pruned
+    expected = ((y_pruned - y_dense).square().sum() / y_dense.square().sum()).item()
+    assert report.block_error[0]["rel_mse"] == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+def test_cuda_bf16_run_keeps_activations_on_the_device(samples):
+    model = tiny_model("llama").to(torch.bfloat16)
+    report = prune(model, PruneConfig(method="wanda", nsamples=8, seqlen=32, device="cuda"), samples)
+    assert report.placement["activations"] == "cuda" and report.placement["storage_dtype"] == "bfloat16"
+    assert next(model.parameters()).device.type == "cpu"  # back where it came from
