@@ -22,6 +22,8 @@ class Adapter:
     norm_fed: tuple[str, ...]             # linears whose input comes straight from a norm layer
     bias_flags: dict[str, tuple[str, ...]] = field(default_factory=dict)  # config flag -> linears it gives a bias
     transposed: bool = False              # weights stored (in, out), as GPT-2's Conv1D
+    final_norm: str = "model.norm"        # the norm between the last block and the head
+    head_extra: tuple[str, ...] = ()      # modules between that norm and the head, where present (OPT project_out)
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         obj = model
@@ -79,13 +81,15 @@ ADAPTERS = [
             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "fc1"),
             {"enable_bias": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                             "self_attn.out_proj", "fc1", "fc2")}),
+                             "self_attn.out_proj", "fc1", "fc2")},
+            final_norm="model.decoder.final_layer_norm", head_extra=("model.decoder.project_out",)),
     Adapter(("gpt2",), "transformer.h", ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-            ("attn.c_attn", "mlp.c_fc"), transposed=True),
+            ("attn.c_attn", "mlp.c_fc"), transposed=True, final_norm="transformer.ln_f"),
     Adapter(("gpt_neox",), "gpt_neox.layers",
             ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
             ("attention.query_key_value", "mlp.dense_h_to_4h"),
-            {"attention_bias": ("attention.query_key_value", "attention.dense")}),
+            {"attention_bias": ("attention.query_key_value", "attention.dense")},
+            final_norm="gpt_neox.final_layer_norm"),
 ]
 _BY_TYPE = {t: a for a in ADAPTERS for t in a.model_types}
 SUPPORTED = tuple(sorted(_BY_TYPE))

@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import os
 
-from .allocation.alpha import alpha_allocation, layer_alphas, model_spectra
+from .allocation.alpha import alpha_allocation, esd_precision, layer_alphas, model_spectra
 from .config import PruneConfig
-from .engine import resolve_device
+from .execution.precision import resolve_device
 from .loading import load
 
 
 def analyze(model: str, config: PruneConfig) -> dict:
     net, _, adapter, _ = load(model)
-    spectra = model_spectra(net, adapter, resolve_device(config.device))
+    precision = esd_precision(getattr(config, "esd_dtype", "auto"), config.alpha_metric)
+    spectra = model_spectra(net, adapter, resolve_device(config.device), precision=precision)
     alphas = layer_alphas(spectra["eigs"], config.alpha_metric, config.alpha_reference_quirk)
     alloc = alpha_allocation(alphas, adapter, adapter.parameter_counts(net), config.sparsity, config.epsilon, config.alpha_mapping,
                              config.max_layer_sparsity)

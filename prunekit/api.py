@@ -21,8 +21,8 @@ from .errors import PrunekitError
 from .evaluate import perplexity
 from .execution import Compute, capture_block_inputs, check_prunable, prune, unsavable_biases
 from .execution.loop import plan_for
-from .export import check_output_dir, save
-from .loading import load
+from .export import atomic_folder, check_output_dir, save, write_record
+from .loading import load, resolve
 from .scoring import build_scorer
 
 
@@ -48,13 +48,39 @@ def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-class Workspace:
-    """A loaded model plus caches keyed by what decides them."""
+def _checkpoint_bytes(path: str) -> int:
+    import os
+    if not os.path.isdir(path):
+        return 0
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+               if f.endswith((".safetensors", ".bin")))
 
-    def __init__(self, model: str):
+
+class Workspace:
+    """A loaded model plus caches keyed by what decides them. With `offload="disk"` (or "auto" and a
+    checkpoint larger than the free RAM) the model is a skeleton whose blocks stay on disk."""
+
+    def __init__(self, model: str, offload: str = "auto", gguf_cache: str | None = None):
+        from .execution.loop import host_free_bytes
+        from .execution.placement import needs_disk
         t0 = time.perf_counter()
         self.spec = model
-        self.model, self.tokenizer, self.adapter, self.source = load(model)
+        source = resolve(model)
+        self.disk = offload == "disk" or (offload == "auto" and needs_disk(_checkpoint_bytes(source.path),
+                                                                          host_free_bytes()))
+        if self.disk:
+            import os
+            from .execution.disk import gguf_cache as dequantized, load_skeleton
+            if source.is_gguf:
+                self.folder = dequantized(source, gguf_cache)
+            elif os.path.isdir(source.path):
+                self.folder = source.path
+            else:
+                raise PrunekitError(f"--offload disk reads a local checkpoint folder; {model!r} is not one: "
+                                    f"download it first (huggingface-cli download {model} --local-dir DIR)")
+            self.model, self.tokenizer, self.adapter, self.reader = load_skeleton(self.folder)
+        else:
+            self.model, self.tokenizer, self.adapter, self.source = load(model)
         self.load_seconds = time.perf_counter() - t0
         self._cache: dict = {}
 
@@ -86,12 +112,20 @@ class Workspace:
                             lambda: load_eval_windows(self.tokenizer, corpus, seqlen, max_windows))
 
     def evaluate(self, net, config: PruneConfig, eval: list[str], seqlen: int, max_windows: int | None,
-                 tasks: list[str] | None, limit: int | None, label: str) -> dict:
-        """Perplexity on each corpus (a float for one corpus, {corpus: ppl} for several) and zero-shot."""
+                 tasks: list[str] | None, limit: int | None, label: str, reader=None) -> dict:
+        """Perplexity on each corpus (a float for one corpus, {corpus: ppl} for several) and zero-shot.
+        `reader`: the blocks are on disk (a skeleton): perplexity streams them block by block."""
+        from .evaluate import streamed_perplexity
         compute = Compute.from_config(config)
         out, ppl = {}, {}
+        if tasks and reader is not None:
+            raise PrunekitError("zero-shot evaluation needs the model in memory, not --offload disk: "
+                                "run `prunekit eval --model OUT --tasks ...` on a machine that holds it")
         for corpus in eval:
-            result = perplexity(net, self.windows(corpus, seqlen, max_windows), compute, desc=f"perplexity ({label})")
+            windows = self.windows(corpus, seqlen, max_windows)
+            desc = f"perplexity ({label})"
+            result = streamed_perplexity(net, self.adapter, reader, windows, compute, desc=desc) if reader is not None \
+                else perplexity(net, windows, compute, desc=desc)
             ppl[corpus] = result["ppl"]
             out.update(eval_tokens_per_second=result["eval_tokens_per_second"],
                        eval_windows=result["eval_windows"], eval_seqlen=result["eval_seqlen"])
@@ -104,8 +138,9 @@ class Workspace:
 
     def dense(self, config, eval, seqlen, max_windows, tasks, limit) -> dict:
         key = ("dense", tuple(eval), seqlen, max_windows, tuple(tasks or ()), limit, config.dtype, config.device)
+        reader = self.reader if self.disk else None
         return self._cached(key, lambda: self.evaluate(self.model, config, eval, seqlen, max_windows, tasks, limit,
-                                                       "dense"))
+                                                       "dense", reader))
 
     def run(self, config: PruneConfig, calib: str | None = "wikitext2", eval=None, eval_seqlen: int | None = None,
             eval_windows_max: int | None = None, eval_dense: bool = False, out: str | None = None,
@@ -127,25 +162,59 @@ class Workspace:
         needs = scorer.needs_stats or needs_data(config.allocation)
         if needs and not calib:
             raise PrunekitError(f"method {config.method} needs calibration data: pass --calib")
-        inputs = self.inputs(calib, config) if needs and not in_place else None
-        samples = self.samples(calib, config) if needs and in_place else None
+        reuse = needs and not in_place and not self.disk  # a sweep: capture block-0 inputs once
+        inputs = self.inputs(calib, config) if reuse else None
+        samples = self.samples(calib, config) if needs and not reuse else None
         record = {"model": self.spec, "config": config.to_dict(), "calib": calib,
                   "eval": eval[0] if len(eval) == 1 else (eval or None), "versions": versions(),
                   "load_seconds": self.load_seconds}
         if (eval or tasks) and eval_dense:
             dense = self.dense(config, eval, seqlen, eval_windows_max, tasks, limit)
             record.update({f"{k}_dense": v for k, v in dense.items() if k in ("ppl", "zeroshot")})
+        if self.disk:
+            return self._run_disk(config, samples, inputs, record, eval, seqlen, eval_windows_max, out, overwrite,
+                                  tasks, limit, log), None
         net = self.model if in_place else copy.deepcopy(self.model)
         report = prune(net, config, samples, self.adapter, inputs=inputs, log=log)
-        record.update(sparsity=report.sparsity, prune_seconds=report.prune_seconds, placement=report.placement,
-                      phases=report.phases, allocation=report.allocation, allocation_info=report.allocation_info,
-                      layers=report.layers)
-        if report.block_error:
-            record["block_error"] = report.block_error
+        _report_into(record, report)
         record.update(self.evaluate(net, config, eval, seqlen, eval_windows_max, tasks, limit, "pruned"))
         if out:
             record["out"] = save(net, self.tokenizer, out, record, overwrite)
         return record, net
+
+    def _run_disk(self, config, samples, inputs, record, eval, seqlen, max_windows, out, overwrite, tasks, limit,
+                  log) -> dict:
+        """Blocks read from the checkpoint and written into the output as they finish; the output is
+        evaluated by streaming its blocks back. Each run starts from a fresh skeleton."""
+        import os
+        from .execution.disk import DiskRun, load_skeleton, parse_size
+        if not out:
+            raise PrunekitError("--offload disk writes each pruned block as it finishes: pass --out DIR")
+        model, tokenizer, adapter, reader = load_skeleton(self.folder)
+        with atomic_folder(out, overwrite) as tmp:
+            run = DiskRun(reader, tmp, parse_size(config.max_shard_size),
+                          config.scratch_dir or os.path.dirname(os.path.abspath(out)))
+            report = prune(model, config, samples, adapter, log=log, disk=run)
+            _report_into(record, report)
+            model.config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if eval:
+                pruned, _, _, pruned_reader = load_skeleton(tmp)
+                record.update(self.evaluate(pruned, config, eval, seqlen, max_windows, tasks, limit, "pruned",
+                                            pruned_reader))
+            record["out"] = os.path.abspath(out)
+            write_record(tmp, record)
+        return record
+
+
+def _report_into(record: dict, report) -> None:
+    record.update(sparsity=report.sparsity, prune_seconds=report.prune_seconds, placement=report.placement,
+                  phases=report.phases, allocation=report.allocation, allocation_info=report.allocation_info,
+                  layers=report.layers)
+    if report.block_error:
+        record["block_error"] = report.block_error
 
 
 def prune_model(model: str, config: PruneConfig, calib: str | None = "wikitext2", eval=None,
@@ -156,14 +225,16 @@ def prune_model(model: str, config: PruneConfig, calib: str | None = "wikitext2"
     build_scorer(config)  # unknown method: fail before loading anything
     if out:
         check_output_dir(out, overwrite)
-    return Workspace(model).run(config, calib, eval, eval_seqlen, eval_windows_max, eval_dense, out, overwrite,
-                                tasks, limit, in_place=True, log=log)
+    return Workspace(model, config.offload, config.gguf_cache).run(
+        config, calib, eval, eval_seqlen, eval_windows_max, eval_dense, out, overwrite, tasks, limit,
+        in_place=True, log=log)
 
 
 def evaluate_model(model: str, eval=None, seqlen: int = 2048, max_windows: int | None = None,
                    device: str = "auto", dtype: str = "auto", tasks: list[str] | None = None,
-                   limit: int | None = None) -> dict:
-    ws = Workspace(model)
+                   limit: int | None = None, offload: str = "auto") -> dict:
+    ws = Workspace(model, offload)
     config = PruneConfig(device=device, dtype=dtype)
-    result = ws.evaluate(ws.model, config, corpora(eval), seqlen, max_windows, tasks, limit, "model")
+    result = ws.evaluate(ws.model, config, corpora(eval), seqlen, max_windows, tasks, limit, "model",
+                         ws.reader if ws.disk else None)
     return {"model": model, "eval": eval, **result, "versions": versions()}

@@ -44,7 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-dtype", help="compute dtype of the dense statistics passes (default: --dtype); "
                                          "--dtype bfloat16 --stats-dtype float32: float32-quality masks, faster")
     p.add_argument("--offload", default="auto", help="placement: auto (fastest that fits), none (all on the GPU), "
-                                                     "weights (blocks streamed from host), cpu (activations too)")
+                                                     "weights (blocks streamed from host), cpu (activations too), "
+                                                     "disk (blocks read from the checkpoint, written as they finish)")
+    p.add_argument("--scratch-dir", metavar="DIR", help="--offload disk: memory-mapped activations go here when "
+                                                        "they do not fit in RAM (default: beside --out)")
+    p.add_argument("--max-shard-size", default="50GB", help="--offload disk: output shard size (e.g. 5GB)")
+    p.add_argument("--gguf-cache", metavar="DIR", help="--offload disk of a .gguf: where its dequantized "
+                                                       "safetensors copy is kept and reused")
     p.add_argument("--record-error", action="store_true",
                    help="record each block's relative output error (pruned vs dense) in the JSON")
     p.add_argument("--esd-dtype", default="auto", help="AlphaPruning eigensolver precision: auto, float32, float64")
@@ -58,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or a saved pruned model")
     e.add_argument("--model", required=True)
+    e.add_argument("--offload", default="auto", help="disk: stream the blocks from the checkpoint (models larger "
+                                                     "than RAM; perplexity only)")
     _add_eval_args(e, "--seqlen")
 
     z = sub.add_parser("analyze", help="per-layer spectra (alpha) and the AlphaPruning allocation")
@@ -101,6 +109,7 @@ def _config(args) -> PruneConfig:
     return PruneConfig(method=args.method, pattern=args.pattern, allocation=args.allocation,
                        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
                        dtype=args.dtype, stats_dtype=args.stats_dtype, offload=args.offload,
+                       scratch_dir=args.scratch_dir, max_shard_size=args.max_shard_size, gguf_cache=args.gguf_cache,
                        record_error=args.record_error, bias_update=not args.no_bias_update,
                        wanda_variant=args.wanda_variant, **_allocation_options(args))
 
@@ -208,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise PrunekitError("eval needs --eval CORPUS (a text file or a dataset name such as wikitext2) "
                                     "or --tasks TASKS")
             record = api.evaluate_model(args.model, args.eval, args.eval_seqlen or 2048, args.eval_windows,
-                                        args.device, args.dtype, tasks=_tasks(args.tasks), limit=args.limit)
+                                        args.device, args.dtype, tasks=_tasks(args.tasks), limit=args.limit,
+                                        offload=args.offload)
             print(_summary(record))
         if record is not None and getattr(args, "json", None):
             _write_json(args.json, record)

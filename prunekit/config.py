@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from .errors import PrunekitError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-OFFLOAD = ("auto", "none", "weights", "cpu")
+OFFLOAD = ("auto", "none", "weights", "cpu", "disk")
 ESD_DTYPES = ("auto", "float32", "float64")
 
 
@@ -40,7 +40,11 @@ class PruneConfig:
                                           # the CPU); statistics are always float32
     stats_dtype: str | None = None        # compute dtype of the dense statistics passes; None: as dtype
     device: str = "auto"
-    offload: str = "auto"                 # placement: auto, none (all on the device), weights (streamed), cpu
+    offload: str = "auto"                 # placement: auto, none (all on the device), weights (streamed), cpu,
+                                          # disk (weights read from the checkpoint, blocks written as they finish)
+    scratch_dir: str | None = None        # disk offload: folder of the memory-mapped activations (default: beside --out)
+    max_shard_size: str = "50GB"          # disk offload: output shard size (transformers' default)
+    gguf_cache: str | None = None         # disk offload of a GGUF: its dequantized safetensors copy (default: cache dir)
     record_error: bool = False            # per block: relative MSE of the pruned output vs the dense one
     bias_update: bool = True              # STADE mean compensation
     wanda_variant: bool = False           # Wanda appendix variant: per-row cumulative-score threshold
@@ -70,6 +74,8 @@ class PruneConfig:
                 raise PrunekitError(f"--{flag} {value!r} is not one of {', '.join(DTYPES)}")
         if self.offload not in OFFLOAD:
             raise PrunekitError(f"--offload {self.offload!r} is not one of {', '.join(OFFLOAD)}")
+        from .execution.disk import parse_size
+        parse_size(self.max_shard_size)
         if self.esd_dtype not in ESD_DTYPES:
             raise PrunekitError(f"--esd-dtype {self.esd_dtype!r} is not one of {', '.join(ESD_DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -40,3 +40,48 @@ def perplexity(model, windows: torch.Tensor, compute: Compute, batch_size: int |
         raise PrunekitError("perplexity is NaN/inf: the model's outputs overflow; try --dtype float32")
     return {"ppl": math.exp(mean_nll), "eval_tokens_per_second": windows.numel() / seconds,
             "eval_windows": windows.shape[0], "eval_seqlen": windows.shape[1]}
+
+
+def streamed_perplexity(model, adapter, reader, windows: torch.Tensor, compute: Compute,
+                        batch_size: int | None = None, desc: str = "perplexity") -> dict:
+    """The same perplexity block by block, for a model whose blocks stay on disk (a skeleton from
+    execution.disk.load_skeleton): the windows' hidden states go through one block at a time, then
+    the final norm and the head. Equal to `perplexity` up to float rounding (the hidden states rest
+    in the storage dtype between blocks)."""
+    from .execution.disk import DiskBlocks
+    from .execution.passes import capture_block_inputs, run_block
+    batch_size = batch_size or max(1, 2048 // windows.shape[1])
+    start = time.perf_counter()
+    blocks = DiskBlocks(model, adapter, reader, compute.device)
+    acts = capture_block_inputs(model, adapter, windows, batch_size, compute, home="device")
+    for i, block in enumerate(tqdm(adapter.blocks(model), desc=desc, leave=False)):
+        blocks.onload(i)
+        run_block(block, acts, compute, outputs=acts)
+        blocks.release(i)
+    head = [model.get_submodule(adapter.final_norm)]
+    head += [m for path in adapter.head_extra if (m := _maybe(model, path)) is not None]
+    head.append(model.get_output_embeddings())
+    home = next(model.parameters()).device
+    model_shell = [m.to(compute.device) for m in head]
+    nlls = []
+    with compute.run(model, exclude=adapter.blocks(model)):
+        for sl, h in acts.batches(compute.device):
+            x = compute.hidden(h)
+            for m in model_shell:
+                x = m(x)
+            nlls.append(window_nll(x, windows[sl].to(compute.device)))
+    for m in head:
+        m.to(home)
+    mean_nll = torch.cat(nlls).mean().item()
+    seconds = time.perf_counter() - start
+    if not math.isfinite(mean_nll):
+        raise PrunekitError("perplexity is NaN/inf: the model's outputs overflow; try --dtype float32")
+    return {"ppl": math.exp(mean_nll), "eval_tokens_per_second": windows.numel() / seconds,
+            "eval_windows": windows.shape[0], "eval_seqlen": windows.shape[1]}
+
+
+def _maybe(model, path: str):
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None

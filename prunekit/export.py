@@ -1,6 +1,7 @@
 """Save a pruned model that loads with plain AutoModelForCausalLM.from_pretrained, atomically."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,9 +14,10 @@ def check_output_dir(path: str, overwrite: bool) -> None:
         raise PrunekitError(f"output folder {path} exists and is not empty: pass --overwrite or another --out")
 
 
-def save(model, tokenizer, path: str, record: dict, overwrite: bool = False) -> str:
-    """Write safetensors weights, config, tokenizer and prunekit.json into a temporary folder next
-    to `path`, then rename it into place: an interrupted run leaves no half-written model."""
+@contextlib.contextmanager
+def atomic_folder(path: str, overwrite: bool = False):
+    """Yield a temporary folder next to `path`; on success give it ordinary permissions and rename it
+    into place, on any error remove it: an interrupted run never leaves a folder that looks complete."""
     check_output_dir(path, overwrite)
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
@@ -25,11 +27,7 @@ def save(model, tokenizer, path: str, record: dict, overwrite: bool = False) -> 
     os.umask(umask)
     try:
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the saved model is an ordinary folder
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "prunekit.json"), "w") as f:
-            json.dump(record, f, indent=2)
+        yield tmp
         for name in os.listdir(tmp):
             os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         if os.path.exists(path):  # empty, or --overwrite
@@ -38,4 +36,19 @@ def save(model, tokenizer, path: str, record: dict, overwrite: bool = False) -> 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
+
+
+def write_record(folder: str, record: dict) -> None:
+    with open(os.path.join(folder, "prunekit.json"), "w") as f:
+        json.dump(record, f, indent=2)
+
+
+def save(model, tokenizer, path: str, record: dict, overwrite: bool = False) -> str:
+    """Write safetensors weights, config, tokenizer and prunekit.json into a temporary folder next
+    to `path`, then rename it into place: an interrupted run leaves no half-written model."""
+    with atomic_folder(path, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_record(tmp, record)
+    return os.path.abspath(path)

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 from prunekit import PruneConfig, PrunekitError, prune
 from prunekit.adapters import adapter_for
-from prunekit.allocation.alpha import alpha_allocation, model_spectra, weights_key
+from prunekit.allocation.alpha import alpha_allocation, esd_precision, model_spectra, weights_key
 from prunekit.allocation.owl import owl_allocation
 
 
@@ -122,6 +122,73 @@ def test_weights_key_depends_on_values():
     a = [("x", torch.ones(3, 3))]
     b = [("x", torch.ones(3, 3) * 2)]
     assert weights_key(a) != weights_key(b) and weights_key(a) == weights_key([("x", torch.ones(3, 3))])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_key_sees_every_single_change(dtype, monkeypatch):
+    import prunekit.allocation.alpha as alpha_mod
+    monkeypatch.setitem(alpha_mod._FINGERPRINT_CHUNK, "cpu", 1000)  # several blocks per matrix
+    g = torch.Generator().manual_seed(0)
+    named = [("a", torch.randn(70, 40, generator=g).to(dtype)), ("b", torch.randn(40, 70, generator=g).to(dtype))]
+    base = weights_key(named)
+    assert weights_key([(n, w.clone()) for n, w in named]) == base  # nothing changed: same key
+    threads = torch.get_num_threads()
+    try:  # ... whatever the thread count, and the caller's thread count is left alone
+        torch.set_num_threads(3)
+        assert weights_key(named) == base and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+    assert weights_key(named, "esd:float32") != base
+    for name, i, j in [("a", 0, 0), ("a", 69, 39), ("b", 17, 3), ("b", 39, 69)]:
+        w = dict(named)[name]
+        changed = w.clone()
+        changed[i, j] = torch.nextafter(changed[i, j].float(), torch.tensor(float("inf"))).to(dtype)  # one ulp up
+        if dtype == torch.bfloat16 and changed[i, j] == w[i, j]:
+            changed[i, j] = w[i, j] * (1 + 2 ** -7)  # the float32 step rounded away: one bfloat16 step
+        assert changed[i, j] != w[i, j]
+        assert weights_key([(n, changed if n == name else x) for n, x in named]) != base
+    for k in range(8):  # two values swapped: same sum and sum of squares
+        swapped = named[0][1].clone()
+        a, b = (k, 5 * k), (k, 39 - 3 * k)  # within one row, so within one block
+        swapped[a], swapped[b] = named[0][1][b], named[0][1][a]
+        assert weights_key([("a", swapped), named[1]]) != base
+    assert weights_key([("a", named[0][1].reshape(40, 70)), named[1]]) != base  # same values, other shape
+
+
+def test_weights_key_copies_only_the_fingerprints_to_the_host(monkeypatch):
+    """The weights stay where they are: the only host-bound copy is the 4 float64 per matrix, once."""
+    named = [(f"w{i}", torch.randn(64, 48)) for i in range(5)]
+    moved = []
+    for method in ("cpu", "numpy", "tolist", "item", "__array__"):
+        original = getattr(torch.Tensor, method)
+
+        def spy(self, *args, _original=original, _method=method, **kwargs):
+            moved.append((_method, self.numel()))
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, method, spy)
+    original_to = torch.Tensor.to
+
+    def spy_to(self, *args, **kwargs):
+        if any(str(a) == "cpu" for a in (*args, *kwargs.values())):
+            moved.append(("to", self.numel()))
+        return original_to(self, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "to", spy_to)
+    weights_key(named)
+    assert [m for m in moved if m[0] == "cpu"] == [("cpu", 4 * len(named))]
+    assert max(n for _, n in moved) <= 4 * len(named)
+
+
+def test_esd_precision_is_in_the_cache_key(tmp_path):
+    model = _shaped_model()
+    adapter = adapter_for("llama")
+    f64 = model_spectra(model, adapter, precision="float64")
+    f32 = model_spectra(model, adapter, precision="float32")
+    assert not f64["cached"] and not f32["cached"] and model_spectra(model, adapter, precision="auto")["cached"]
+    for k in f64["eigs"]:
+        torch.testing.assert_close(f32["eigs"][k], f64["eigs"][k], rtol=0, atol=1e-5 * f64["eigs"][k].max().item())
+    assert esd_precision("auto", "alpha_mid") == "float32" and esd_precision("auto", "alpha_peak") == "float64"
+    with pytest.raises(PrunekitError, match="unknown ESD precision"):
+        model_spectra(model, adapter, precision="float16")
 
 
 def test_bad_allocation_options():

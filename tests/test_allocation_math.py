@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from prunekit.allocation import esd
-from prunekit.allocation.esd import ALPHA_METRICS, alpha_mid, alpha_peak, esd_eigenvalues, hill_fit
+from prunekit.allocation.esd import (ALPHA_METRICS, alpha_mid, alpha_peak, esd_eigenvalues, esd_eigenvalues_batched,
+                                     hill_fit, resolve_precision)
 from prunekit.allocation.mapping import (alpha_ratios, clip_and_renormalise, nm_allocation,
                                          owl_outlier_ratio, owl_ratios, scale_to_target)
 
@@ -57,6 +58,60 @@ def test_esd_eigenvalues_rank_deficient_clamps_at_zero():
     W = torch.randn(40, 3, dtype=torch.float64) @ torch.randn(3, 50, dtype=torch.float64)
     eigs = esd_eigenvalues(W)
     assert eigs.min() >= 0 and (eigs > 1e-8).sum() == 3
+
+
+def _mixed_weights():
+    """Tall, wide and square matrices, shapes repeated (stacked together) and interleaved, in three dtypes."""
+    g = torch.Generator().manual_seed(7)
+    shapes = [(60, 24), (24, 60), (60, 24), (32, 32), (24, 60), (60, 24), (5, 90)]
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float32, torch.float16, torch.float64, torch.float32]
+    ws = [torch.randn(*s, generator=g, dtype=torch.float64).to(d) for s, d in zip(shapes, dtypes)]
+    ws[3][:, :4] *= 30  # a spread spectrum: condition number ~1e3+
+    return ws
+
+
+def _per_matrix_float64(w):
+    w = w.double()
+    return torch.linalg.eigvalsh(w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w).clamp_min(0)
+
+
+@pytest.mark.parametrize("max_bytes", [1 << 31, 1])  # everything of one shape in one stack; one matrix per stack
+def test_esd_eigenvalues_batched_matches_per_matrix(max_bytes):
+    ws = _mixed_weights()
+    f64 = esd_eigenvalues_batched(ws, "float64", "cpu", max_bytes)
+    f32 = esd_eigenvalues_batched(ws, "float32", "cpu", max_bytes)
+    for w, a, b in zip(ws, f64, f32):
+        exact = _per_matrix_float64(w)
+        for e in (a, b):
+            assert e.dtype == torch.float64 and e.device.type == "cpu" and e.shape == (min(w.shape),)
+            assert torch.all(e[1:] >= e[:-1]) and torch.all(e >= 0)
+        torch.testing.assert_close(a, exact, rtol=0, atol=1e-12 * exact.max().item())
+        torch.testing.assert_close(b, exact, rtol=0, atol=1e-5 * exact.max().item())
+    assert esd_eigenvalues_batched([], "float64") == []
+
+
+def test_esd_eigenvalues_batched_precision_and_tf32():
+    w = torch.randn(20, 30, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(esd_eigenvalues(w, "float32"), esd_eigenvalues(w), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="float64 or float32"):
+        esd_eigenvalues_batched([w], "auto")
+    with pytest.raises(ValueError, match="2-D"):
+        esd_eigenvalues_batched([w, torch.ones(3)], "float64")
+    previous = torch.get_float32_matmul_precision()
+    try:  # the float32 Gram is formed in IEEE float32 and the caller's TF32 setting is restored
+        torch.set_float32_matmul_precision("high")
+        esd_eigenvalues_batched([w], "float32")
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_resolve_precision():
+    assert resolve_precision("auto", "alpha_peak") == "float64"  # float32 moves alpha_peak (bench_esd.py)
+    assert resolve_precision("auto", "alpha_mid") == "float32"
+    assert resolve_precision("float32", "alpha_peak") == "float32"
+    with pytest.raises(ValueError, match="unknown ESD precision"):
+        resolve_precision("float16")
 
 
 # --- Hill fits -------------------------------------------------------------------------------

@@ -48,8 +48,20 @@ def test_nothing_fits_names_the_fix():
         plan_placement(sizes(device_free=3 * GiB, activations=40 * GiB, host_free=20 * GiB))
     with pytest.raises(PrunekitError, match="host RAM"):  # the CPU: one memory
         plan_placement(sizes(device_free=None, activations=30 * GiB, host_free=24 * GiB))
-    with pytest.raises(PrunekitError, match="--offload 'disk' is not one of"):
-        plan_placement(sizes(), "disk")
+    with pytest.raises(PrunekitError, match="--offload 'tape' is not one of"):
+        plan_placement(sizes(), "tape")
+    with pytest.raises(PrunekitError, match="host RAM.*use --offload disk"):
+        plan_placement(sizes(device_free=None, activations=3 * GiB, host_free=2 * GiB))
+
+
+def test_disk_plan_puts_activations_in_the_first_place_that_fits():
+    from prunekit.execution.placement import needs_disk
+    assert plan_placement(sizes(), "disk").activations == "cuda"
+    assert plan_placement(sizes(device_free=3 * GiB), "disk").activations == "cpu"
+    plan = plan_placement(sizes(device_free=None, activations=40 * GiB, host_free=20 * GiB), "disk")
+    assert (plan.weights, plan.activations) == ("disk", "scratch")
+    assert plan.line() == "placement: weights disk (streamed), activations scratch (40.00 GiB bfloat16)"
+    assert needs_disk(140 * GiB, 100 * GiB) and not needs_disk(13 * GiB, 100 * GiB)
 
 
 def test_cpu_plan_and_dense_copies():

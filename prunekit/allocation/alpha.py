@@ -1,31 +1,102 @@
 """AlphaPruning (Lu et al., NeurIPS 2024): per-layer sparsity from the heavy-tailed shape of each
 weight matrix's eigenvalue spectrum. Well-trained layers (heavy tail, small alpha) are pruned less.
 
-Eigenvalues are cached on disk per model (key: hash of the weights), so a sweep computes them once.
+Eigenvalues are cached on disk per model (key: a fingerprint of the weights and the ESD precision), so a
+sweep computes them once.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from ..errors import PrunekitError
 from . import Allocation, register_allocator
-from .esd import ALPHA_METRICS, esd_eigenvalues
+from .esd import ALPHA_METRICS, esd_eigenvalues_batched, resolve_precision
 from .mapping import alpha_ratios, scale_to_target
+
+_FINGERPRINT_CHUNK = {"cpu": 1 << 16, "cuda": 1 << 22}  # float64 elements per block; a CPU block stays in L2
 
 
 def cache_dir() -> str:
     return os.environ.get("PRUNEKIT_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "prunekit"))
 
 
-def weights_key(named_weights: list[tuple[str, torch.Tensor]]) -> str:
+def _signs(n: int, device) -> torch.Tensor:
+    # a fixed pseudo-random +-1 pattern, built on the device (no host copy): top bit of Knuth's
+    # multiplicative hash k * 2654435761 mod 2^32
+    k = torch.arange(n, device=device, dtype=torch.int64)
+    return 1.0 - 2.0 * (((k * 2654435761) & 0xFFFFFFFF) >> 31).to(torch.float64)
+
+
+def _sign(k: int) -> int:
+    return 1 - 2 * (((k * 2654435761) & 0xFFFFFFFF) >> 31)  # the same pattern at one index, on the host
+
+
+def weight_fingerprint(w: torch.Tensor) -> torch.Tensor:
+    """Four float64 numbers summarising W, computed on W's device. With f = i * cols + j the row-major
+    index of W_ij and sigma_f a fixed pseudo-random +-1 pattern:
+
+        [ sum_f W_f,  sum_f W_f^2,  sum_f sigma_f W_f,  sum_f f W_f ]
+
+    W is read once, in blocks of whole rows copied into one float64 buffer (no allocation per block):
+    per block one (3 x n) @ n product against [1, sigma, local index] and one dot. sigma_f is
+    s(f mod n) s(f div n) for the block length n, so one probe serves every block.
+    """
+    w = w.detach().reshape(len(w), -1)
+    rows, cols = w.shape
+    step = max(1, _FINGERPRINT_CHUNK.get(w.device.type, 1 << 22) // cols)
+    n = min(step, rows) * cols
+    probe = torch.stack([torch.ones(n, dtype=torch.float64, device=w.device), _signs(n, w.device),
+                         torch.arange(n, dtype=torch.float64, device=w.device)])
+    buf = torch.empty(n, dtype=torch.float64, device=w.device)
+    acc = torch.zeros(4, dtype=torch.float64, device=w.device)
+    for block, r in enumerate(range(0, rows, step)):
+        x = w[r:r + step]
+        flat = buf[:x.numel()]
+        flat.view(x.shape).copy_(x)
+        p = probe[:, :flat.numel()] @ flat
+        acc += torch.stack([p[0], flat @ flat, _sign(block) * p[1], r * cols * p[0] + p[2]])
+    return acc
+
+
+def weights_key(named_weights: list[tuple[str, torch.Tensor]], extra: str = "") -> str:
+    """Cache key of a list of named weights: blake2b of `extra` and every name, shape, dtype and fingerprint.
+
+    The fingerprints are computed where the weights live and reach the host in one copy of 4 float64
+    per matrix: the key costs one read of the weights, no host copy and no byte hashing.
+    Why collisions are not a practical concern: a changed model keeps the key only if, in every matrix,
+    the sum, the sum of squares, a +-1-weighted sum and an index-weighted sum all come out bit-identical
+    in float64. Changing one element from w to w + d moves the sum by d and the sum of squares by
+    2 w d + d^2, which float64 resolves unless d is ~1e-16 of the matrix's scale (and then the spectrum
+    moves by less than float64 round-off too); swapping two different values moves the index-weighted
+    sum; any other set of changes must cancel in all four at once, one of them weighted by a sign
+    pattern the changes know nothing of. Pruning, fine-tuning or loading another checkpoint does not do that
+    by accident (the key is not meant to resist a forged collision). Float64 sums are bit-exact only
+    for the same kind of device and BLAS, so the same weights elsewhere may miss the cache: a
+    recomputation, never a wrong hit.
+    """
     h = hashlib.blake2b(digest_size=16)
-    for name, w in named_weights:
-        h.update(f"{name}:{tuple(w.shape)}:{w.dtype}".encode())
-        h.update(w.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    h.update(extra.encode())
+    if not named_weights:
+        return h.hexdigest()
+    # matrices in parallel, each on one thread: a block's ops are too small to split, and on a busy
+    # machine each split op can wait for a descheduled worker (2-core box: 2 s instead of 10 ms for
+    # 1 M weights). It also makes every sum's order, so the key, independent of the thread count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            prints = list(pool.map(weight_fingerprint, [w for _, w in named_weights]))
+    finally:
+        torch.set_num_threads(threads)
+    values = torch.stack([p.to(prints[0].device) for p in prints]).cpu()  # the one host sync
+    for (name, w), v in zip(named_weights, values):
+        h.update(f"{name}:{tuple(w.shape)}:{w.dtype}:".encode())
+        h.update(v.numpy().tobytes())
     return h.hexdigest()
 
 
@@ -35,22 +106,42 @@ def block_weights(model, adapter) -> list[tuple[str, torch.Tensor]]:
             for name, module in adapter.block_linears(block).items()]
 
 
-def model_spectra(model, adapter, device: torch.device | str = "cpu", use_cache: bool = True) -> dict:
-    """Eigenvalues (ascending, float64, CPU) of every prunable weight, {full name: tensor}, and the
-    seconds spent computing them (0 on a cache hit)."""
-    weights = block_weights(model, adapter)
-    path = os.path.join(cache_dir(), "esd", f"{weights_key(weights)}.pt") if use_cache else None
-    if path and os.path.exists(path):
-        return {"eigs": torch.load(path), "seconds": 0.0, "cached": True}
+def model_spectra(model, adapter, device: torch.device | str = "cpu", use_cache: bool = True,
+                  precision: str = "float64", lazy_weights=None, lazy_key: str | None = None) -> dict:
+    """Eigenvalues (ascending, float64, CPU) of every prunable weight, {full name: tensor}, the seconds
+    spent computing them (0 on a cache hit) and the seconds spent on the cache key.
+    precision: "float64" or "float32" (esd_precision picks one from PruneConfig.esd_dtype).
+    lazy_weights: a callable yielding (name, weight) one at a time (blocks on disk), with `lazy_key`
+    identifying the checkpoint; the weights are then read, and eigen-solved, one by one."""
+    precision = esd_precision(precision, "alpha_peak")  # validated before any work; "auto" -> float64
+    weights = None if lazy_weights is not None else block_weights(model, adapter)
     start = time.perf_counter()
-    eigs = {name: esd_eigenvalues(w.to(device)).cpu() for name, w in weights}
+    key = f"{lazy_key}-{precision}" if lazy_weights is not None else weights_key(weights, f"esd:{precision}")
+    path = os.path.join(cache_dir(), "esd", f"{key}.pt") if use_cache else None
+    key_seconds = time.perf_counter() - start
+    if path and os.path.exists(path):
+        return {"eigs": torch.load(path), "seconds": 0.0, "cached": True, "key_seconds": key_seconds}
+    start = time.perf_counter()
+    if weights is not None:
+        eigs = dict(zip([name for name, _ in weights],
+                        esd_eigenvalues_batched([w for _, w in weights], precision, device)))
+    else:
+        eigs = {name: esd_eigenvalues_batched([w], precision, device)[0] for name, w in lazy_weights()}
     seconds = time.perf_counter() - start
     if path:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         torch.save(eigs, tmp)
         os.replace(tmp, path)
-    return {"eigs": eigs, "seconds": seconds, "cached": False}
+    return {"eigs": eigs, "seconds": seconds, "cached": False, "key_seconds": key_seconds}
+
+
+def esd_precision(esd_dtype: str, metric: str) -> str:
+    """PruneConfig.esd_dtype ("auto", "float64" or "float32") -> the precision model_spectra uses."""
+    try:
+        return resolve_precision(esd_dtype, metric)
+    except ValueError as exc:
+        raise PrunekitError(str(exc)) from None
 
 
 def layer_alphas(eigs: dict, metric: str = "alpha_peak", reference_quirk: bool = False) -> dict[str, float]:
@@ -96,9 +187,13 @@ def alpha_allocation(alphas: dict[str, float], adapter, params: list[dict[str, i
 @register_allocator("alpha")
 def alpha(ctx) -> Allocation:
     config = ctx.config
-    spectra = model_spectra(ctx.model, ctx.adapter, ctx.compute.device)
+    lazy = getattr(ctx, "lazy_weights", lambda: None)()  # blocks on disk: (weights, checkpoint key)
+    spectra = model_spectra(ctx.model, ctx.adapter, ctx.compute.device,
+                            precision=esd_precision(getattr(config, "esd_dtype", "auto"), config.alpha_metric),
+                            lazy_weights=lazy[0] if lazy else None, lazy_key=lazy[1] if lazy else None)
     alphas = layer_alphas(spectra["eigs"], config.alpha_metric, config.alpha_reference_quirk)
     result = alpha_allocation(alphas, ctx.adapter, ctx.parameter_counts(), config.sparsity, config.epsilon,
                               config.alpha_mapping, config.max_layer_sparsity)
-    result.info = {"esd_seconds": spectra["seconds"], "esd_cached": spectra["cached"], "alphas": alphas}
+    result.info = {"esd_seconds": spectra["seconds"], "esd_key_seconds": spectra["key_seconds"],
+                   "esd_cached": spectra["cached"], "alphas": alphas}
     return result

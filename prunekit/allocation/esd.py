@@ -5,29 +5,112 @@ correlation matrix, lambda = svdvals(W)^2. A well-trained layer has a heavy
 tailed ESD, p(lambda) ~ lambda^-alpha for lambda >= xmin; a smaller alpha means
 a heavier tail, i.e. a better trained layer, which AlphaPruning prunes less.
 
-Pure functions on tensors: no modules, no I/O. Everything runs in float64 on
-the device of the input.
+Pure functions on tensors: no modules, no I/O. Eigenvalues are computed on a
+chosen device and precision and returned in float64 on the CPU; the fits run
+in float64 on the device of their input.
 """
+
+import contextlib
+from collections import defaultdict
 
 import torch
 
 _CHUNK = 1 << 22  # elements per (candidates x eigenvalues) block in the KS search
 
+PRECISIONS = ("auto", "float64", "float32")
 
-def esd_eigenvalues(weight: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues lambda_k = sigma_k(W)^2 of a 2-D weight, ascending, float64.
+
+def resolve_precision(precision: str, metric: str = "alpha_peak") -> str:
+    """The ESD precision, "float64" or "float32", for a requested one ("auto", "float64", "float32").
+
+    "auto" is float64 for alpha_peak and float32 for alpha_mid, as measured by bench/bench_esd.py on
+    SmolLM2-135M: float32 moved alpha_mid by < 1e-5 on every matrix, but alpha_peak by up to 2.7 on
+    38 to 40 of 210 (even float32 svdvals, the reference's own path, moved it by 0.44 on 2 of 210 in
+    one of two runs that differed only in thread count). alpha_peak takes xmin from the fullest of 100
+    log10 bins spanning [lambda_min, lambda_max]; with a few hundred eigenvalues the top bins often tie
+    or differ by one, so float32's relative error (~1e-5 for a well-conditioned Gram, garbage at
+    lambda_min of a near-singular one) can move one eigenvalue, or every bin edge, across the tie and
+    switch the fit. float64 (relative error <= 6e-7 there, at condition numbers up to 6e11) matched a
+    float64 SVD to 1e-12 on every matrix.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown ESD precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    return "float32" if metric == "alpha_mid" else "float64"
+
+
+def _gram(w: torch.Tensor) -> torch.Tensor:
+    # the smaller of W W^T and W^T W: both hold the min(rows, cols) values sigma_k^2
+    return w @ w.mT if w.shape[-2] <= w.shape[-1] else w.mT @ w
+
+
+@contextlib.contextmanager
+def _ieee_float32():
+    # TF32 (10-bit mantissa), if the caller enabled it, would wreck a float32 Gram matrix
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def esd_eigenvalues(weight: torch.Tensor, precision: str = "float64") -> torch.Tensor:
+    """Eigenvalues lambda_k = sigma_k(W)^2 of a 2-D weight, ascending, float64, on the CPU.
 
     Computed as eigvalsh of the smaller Gram matrix (W W^T if rows <= cols,
-    else W^T W) in float64: both have the min(rows, cols) nonzero-able
-    eigenvalues sigma_k^2, and a symmetric eigensolve of the small side is far
-    cheaper than an SVD. Round-off can give tiny negatives, clamped to 0.
+    else W^T W), on the weight's device, in `precision` ("float64" or
+    "float32"): both Grams have the min(rows, cols) eigenvalues sigma_k^2,
+    and a symmetric eigensolve of the small side is far cheaper than an SVD.
+    Round-off can give tiny negatives, clamped to 0.
     No normalisation and no zero filtering, like the reference.
     """
     if weight.dim() != 2:
         raise ValueError(f"esd_eigenvalues needs a 2-D weight, got shape {tuple(weight.shape)}")
-    w = weight.detach().to(torch.float64)
-    gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
-    return torch.linalg.eigvalsh(gram).clamp_min(0.0)  # eigvalsh is ascending
+    return esd_eigenvalues_batched([weight], precision, weight.device)[0]
+
+
+def esd_eigenvalues_batched(weights: list[torch.Tensor], precision: str = "float64",
+                            device: torch.device | str = "cpu", max_bytes: int = 1 << 31) -> list[torch.Tensor]:
+    """[esd_eigenvalues(w) for w in weights], computed on `device` a stack of equal shapes at a time.
+
+    Weights of one shape (on any device, in any dtype) are copied one by one into a (b, rows, cols)
+    buffer in `precision` ("float64" or "float32"), b chosen so that the buffer and its Grams stay
+    under ~max_bytes; one batched matmul forms the b Grams and one batched eigvalsh solves them.
+    float32 is accurate to ~eps32 * lambda_max, so lambda_i is off by ~6e-8 * lambda_max / lambda_i
+    relative: resolve_precision says which alpha that is good enough for.
+    Returns float64 CPU eigenvalues, ascending, clamped at 0, in the order of `weights`.
+    """
+    if precision not in ("float64", "float32"):
+        raise ValueError(f"ESD precision must be float64 or float32, got {precision!r} (see resolve_precision)")
+    dtype = getattr(torch, precision)
+    by_shape = defaultdict(list)
+    for i, w in enumerate(weights):
+        if w.dim() != 2:
+            raise ValueError(f"esd_eigenvalues needs 2-D weights, got shape {tuple(w.shape)}")
+        by_shape[tuple(w.shape)].append(i)
+    out = [None] * len(weights)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    with _ieee_float32():
+        for (rows, cols), idx in by_shape.items():
+            per_matrix = (rows * cols + 2 * min(rows, cols) ** 2) * itemsize  # W, Gram, eigvalsh's copy
+            step = max(1, max_bytes // per_matrix)
+            for s in range(0, len(idx), step):
+                part = idx[s:s + step]
+                stack = torch.empty((len(part), rows, cols), dtype=dtype, device=device)
+                for b, i in enumerate(part):
+                    # one weight at a time, so a CPU model never sits whole on the device; moved in its
+                    # own dtype and converted there (a blocking copy_ would convert on the CPU and ship
+                    # 2-4x the bytes)
+                    stack[b].copy_(weights[i].detach().to(device))
+                gram = _gram(stack)
+                del stack
+                eigs = torch.linalg.eigvalsh(gram).clamp_min_(0.0).to("cpu", torch.float64)  # ascending
+                del gram
+                for i, e in zip(part, eigs):
+                    out[i] = e.clone()  # own storage, so a cached spectrum does not drag its batch along
+    return out
 
 
 def _prep(eigs: torch.Tensor) -> torch.Tensor:

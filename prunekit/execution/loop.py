@@ -24,7 +24,8 @@ from ..allocation import Allocation, allocate, needs_data
 from ..config import PruneConfig
 from ..errors import PrunekitError
 from ..scoring import Scorer, build_scorer
-from .passes import Activations, ErrorMeter, capture_block_inputs, collect_stats, run_block
+from .disk import DiskBlocks
+from .passes import Activations, ErrorMeter, Scratch, capture_block_inputs, collect_stats, run_block
 from .placement import Plan, Sizes, plan_placement
 from .precision import Compute, dtype_name
 from .streaming import BlockStreamer, model_on_device
@@ -89,8 +90,15 @@ class AllocationContext:
             with collect_stats(self.adapter.block_linears(block), centred=lambda name: False) as stats:
                 run_block(block, current, compute, outputs=current)
             yield i, block, stats
-            _offload(self.streamer, block, i)
+            _offload(self.streamer, block, i, pruned=False)
         del current
+
+    def lazy_weights(self):
+        """Under disk offload: (a callable yielding (name, weight) one at a time from the checkpoint,
+        a key naming the checkpoint's files); None when the weights are in memory."""
+        if not hasattr(self.streamer, "named_weights"):
+            return None
+        return self.streamer.named_weights, self.streamer.reader.key()
 
 
 def _onload(streamer: BlockStreamer | None, block: nn.Module, i: int, device: torch.device) -> None:
@@ -101,9 +109,11 @@ def _onload(streamer: BlockStreamer | None, block: nn.Module, i: int, device: to
         block.to(device)
 
 
-def _offload(streamer: BlockStreamer | None, block: nn.Module, i: int) -> None:
+def _offload(streamer, block: nn.Module, i: int, pruned: bool = True) -> None:
+    """After a block: a pruned one goes back to its home (written out, under disk offload); a block
+    only read (a dense allocation pass) is released."""
     if streamer is not None and streamer.active:
-        streamer.offload(i)
+        (streamer.offload if pruned else getattr(streamer, "release", streamer.offload))(i)
 
 
 def _nm_targets(allocation: Allocation, ctx: AllocationContext) -> None:
@@ -228,8 +238,9 @@ def placement_sizes(model: nn.Module, adapter: Adapter, config: PruneConfig, com
                  activation_copies=copies, storage_dtype=dtype_name(compute.storage))
 
 
-def plan_for(model, adapter, config, compute, scorer, shape) -> Plan:
-    return plan_placement(placement_sizes(model, adapter, config, compute, scorer, shape), config.offload)
+def plan_for(model, adapter, config, compute, scorer, shape, disk: bool = False) -> Plan:
+    sizes = placement_sizes(model, adapter, config, compute, scorer, shape)
+    return plan_placement(sizes, "disk" if disk else ("auto" if config.offload == "disk" else config.offload))
 
 
 def prepare_biases(model: nn.Module, adapter: Adapter, scorer: Scorer) -> None:
@@ -245,11 +256,13 @@ def prepare_biases(model: nn.Module, adapter: Adapter, scorer: Scorer) -> None:
 
 
 def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = None,
-          adapter: Adapter | None = None, inputs: Activations | None = None, log=None) -> PruneReport:
+          adapter: Adapter | None = None, inputs: Activations | None = None, log=None,
+          disk=None) -> PruneReport:
     """Prune `model` in place. `samples`: (nsamples, seqlen) calibration token ids (unused by
     magnitude with a uniform allocation). `inputs`: block-0 inputs captured earlier with the same
     samples and compute (a sweep reuses them; they are copied, not consumed). `log(line)` receives
-    the placement line before any work."""
+    the placement line before any work. `disk` (execution.disk.DiskRun): the model is a skeleton whose
+    blocks are read from the checkpoint and written to the output as they finish."""
     start = time.perf_counter()
     adapter = adapter or adapter_for(model.config.model_type)
     scorer = build_scorer(config)
@@ -261,18 +274,36 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
         raise PrunekitError(f"method {config.method} needs calibration data: pass --calib")
     shape = tuple(inputs.hidden.shape[:2]) if inputs is not None else \
         (tuple(samples.shape) if samples is not None and needs_inputs else None)
-    plan = plan_for(model, adapter, config, compute, scorer, shape)
+    plan = plan_for(model, adapter, config, compute, scorer, shape, disk=disk is not None)
     if log is not None:
         log(plan.line())
     phases = Phases(compute.device)
     report = PruneReport(placement=plan.to_dict())
+    scratch = Scratch(disk.scratch_dir) if disk is not None and plan.activations == "scratch" else None
+    try:
+        _run(model, config, samples, adapter, inputs, log, disk, scorer, compute, stats_compute, blocks,
+             needs_inputs, plan, phases, report, scratch)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+    report.phases = phases.totals()
+    report.prune_seconds = time.perf_counter() - start
+    return report
+
+
+def _run(model, config, samples, adapter, inputs, log, disk, scorer, compute, stats_compute, blocks, needs_inputs,
+         plan, phases, report, scratch) -> None:
     with model_on_device(model, compute.device, plan):
-        streamer = BlockStreamer(blocks, compute.device, plan)
+        if disk is not None:
+            streamer = DiskBlocks(model, adapter, disk.reader, compute.device)
+        else:
+            streamer = BlockStreamer(blocks, compute.device, plan)
         acts = None
         if needs_inputs:
             with phases("capture"):
                 acts = inputs.clone() if inputs is not None else capture_block_inputs(
-                    model, adapter, samples, config.effective_batch_size, compute, home=plan.activations)
+                    model, adapter, samples, config.effective_batch_size, compute, home=plan.activations,
+                    scratch=scratch)
         ctx = AllocationContext(model, adapter, config, compute, acts, streamer)
         with phases("allocation"):
             alloc = allocate(config.allocation, ctx)
@@ -280,6 +311,8 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
                 _nm_targets(alloc, ctx)
         report.allocation, report.allocation_info = alloc.blocks, alloc.info
         prepare_biases(model, adapter, scorer)
+        if disk is not None:  # the output's layout is final now (biases included): plan its shards
+            streamer.writer = disk.open_writer(model, adapter)
         dense = acts.clone() if (config.record_error and acts is not None) else None
         counts, errors = [], []
         for i, block in enumerate(tqdm(blocks, desc=f"pruning ({config.method})")):
@@ -313,14 +346,13 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
             _offload(streamer, block, i)
             _check_block(i, list(linears), flags)
         streamer.finish()
+        if disk is not None:
+            streamer.writer.finish()
     pruned = torch.stack([c.reshape(()).to("cpu", torch.float64) for _, c, _, _ in counts]).tolist()
     report.layers = [{"name": name, "sparsity": p / numel, **(info or {})}
                      for (name, _, numel, info), p in zip(counts, pruned)]
     report.sparsity = sum(pruned) / sum(numel for _, _, numel, _ in counts)
     report.block_error = [{"block": i, "rel_mse": e} for i, e in enumerate(torch.stack(errors).tolist())] if errors else []
-    report.phases = phases.totals()
-    report.prune_seconds = time.perf_counter() - start
-    return report
 
 
 def unsavable_biases(model: nn.Module, adapter: Adapter, config: PruneConfig) -> list[str]:

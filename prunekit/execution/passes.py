@@ -31,6 +31,7 @@ class Activations:
     hidden: torch.Tensor
     extra: list[tuple[tuple, dict]]
     batch_size: int
+    scratch: "Scratch | None" = None   # where a memory-mapped buffer came from (clones go there too)
 
     @property
     def slices(self) -> list[slice]:
@@ -38,7 +39,8 @@ class Activations:
         return [slice(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
 
     def clone(self) -> "Activations":
-        return Activations(_empty_like(self.hidden).copy_(self.hidden), self.extra, self.batch_size)
+        buffer = self.scratch.tensor(self.hidden.shape, self.hidden.dtype) if self.scratch else _empty_like(self.hidden)
+        return Activations(buffer.copy_(self.hidden), self.extra, self.batch_size, self.scratch)
 
     def batches(self, device: torch.device):
         """Yield (slice, batch on `device`). From pinned host memory on CUDA, batch i+1 is copied on a
@@ -74,8 +76,35 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device, pin_memory=pin)
 
 
-def allocate_activations(shape: tuple[int, ...], dtype: torch.dtype, home: str, compute: Compute) -> torch.Tensor:
-    """The activation buffer: on the compute device, or on the host (pinned when a GPU computes)."""
+class Scratch:
+    """Memory-mapped activation buffers in a folder (--scratch-dir), removed by cleanup(): at the end
+    of a prune and on any error."""
+
+    def __init__(self, folder: str):
+        self.folder, self.paths = folder, []
+
+    def tensor(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        from .disk import scratch_tensor
+        t, path = scratch_tensor(tuple(shape), dtype, self.folder)
+        self.paths.append(path)
+        return t
+
+    def cleanup(self) -> None:
+        import os
+        for path in self.paths:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        self.paths.clear()
+
+
+def allocate_activations(shape: tuple[int, ...], dtype: torch.dtype, home: str, compute: Compute,
+                         scratch: Scratch | None = None) -> torch.Tensor:
+    """The activation buffer: on the compute device, on the host (pinned when a GPU computes), or in
+    a memory-mapped scratch file."""
+    if home == "scratch":
+        return scratch.tensor(shape, dtype)
     if home == "cpu" or compute.device.type == "cpu":
         return torch.empty(shape, dtype=dtype, pin_memory=compute.device.type == "cuda")
     return torch.empty(shape, dtype=dtype, device=compute.device)
@@ -94,7 +123,7 @@ def _shell_to(model: nn.Module, adapter: Adapter, device: torch.device) -> None:
 
 
 def capture_block_inputs(model: nn.Module, adapter: Adapter, samples: torch.Tensor, batch_size: int,
-                         compute: Compute, home: str = "device") -> Activations:
+                         compute: Compute, home: str = "device", scratch: Scratch | None = None) -> Activations:
     """Run the model up to its first block and keep what that block receives, batch by batch. The
     embeddings run in the compute precision (float32 compute upcasts a bf16 table first, so rotary
     tables and the first hidden states equal a float32 checkpoint's)."""
@@ -107,7 +136,7 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, samples: torch.Tens
         h = args[0].detach()
         if state["buffer"] is None:
             shape = (samples.shape[0], samples.shape[1], h.shape[-1] if h.dim() == 3 else hidden_size)
-            state["buffer"] = allocate_activations(shape, compute.storage, home, compute)
+            state["buffer"] = allocate_activations(shape, compute.storage, home, compute, scratch)
         state["buffer"][state["at"]:state["at"] + h.shape[0]].copy_(h, non_blocking=True)
         state["at"] += h.shape[0]
         extra.append((args[1:], dict(kwargs)))
@@ -127,7 +156,7 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, samples: torch.Tens
         handle.remove()
         if home_device.type == "cpu":
             _shell_to(model, adapter, home_device)
-    return Activations(state["buffer"], extra, batch_size)
+    return Activations(state["buffer"], extra, batch_size, scratch if home == "scratch" else None)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,11 @@ given sizes. The plans, fastest first:
   offload activations on the host too (pinned, in the storage dtype), copied up a batch at a time
           with the next batch in flight.
 
-On the CPU the three are the same place; the plan says "cpu" for both.
+  disk    (--offload disk, or a model larger than the host's RAM) weights read from the checkpoint a
+          block at a time and written out as each block finishes; activations on the device, in
+          RAM, or in a memory-mapped scratch file, whichever is the first that fits.
+
+On the CPU the first three are the same place; the plan says "cpu" for both.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from dataclasses import asdict, dataclass
 from ..errors import PrunekitError
 
 GiB = 1 << 30
-OFFLOAD_CHOICES = ("auto", "none", "weights", "cpu")
+OFFLOAD_CHOICES = ("auto", "none", "weights", "cpu", "disk")
 PLANS = ("device", "stream", "offload")
 _FOR_CHOICE = {"none": ("device",), "weights": ("stream",), "cpu": ("offload",), "auto": PLANS}
 
@@ -59,7 +63,8 @@ class Plan:
         return self.name == "offload" and self.activations == "cpu"
 
     def line(self) -> str:
-        where = f"weights {self.weights}{' (streamed)' if self.streams_weights else ''}, activations " \
+        streamed = " (streamed)" if self.streams_weights or self.weights == "disk" else ""
+        where = f"weights {self.weights}{streamed}, activations " \
                 f"{self.activations} ({self.activation_bytes / GiB:.2f} GiB {self.storage_dtype})"
         return f"placement: {where}" + (f", plan {self.name}" if self.device_bytes else "")
 
@@ -86,9 +91,11 @@ def host_need(plan: str, s: Sizes) -> int:
 def plan_placement(s: Sizes, offload: str = "auto", margin: float = 0.9) -> Plan:
     """The fastest plan (device, stream, offload) allowed by `offload` that fits in `margin` of the
     free memory; a one-line PrunekitError naming what would make it fit when none does."""
-    if offload not in _FOR_CHOICE:
+    if offload not in OFFLOAD_CHOICES:
         raise PrunekitError(f"--offload {offload!r} is not one of {', '.join(OFFLOAD_CHOICES)}")
     acts = s.activations * s.activation_copies
+    if offload == "disk":
+        return disk_plan(s, margin)
     if s.device_free is None:  # the CPU: one memory for everything
         if acts + s.work > margin * s.host_free:
             raise PrunekitError(_no_fit(s, "host RAM", s.host_free, acts + s.work))
@@ -104,10 +111,32 @@ def plan_placement(s: Sizes, offload: str = "auto", margin: float = 0.9) -> Plan
     raise PrunekitError(_no_fit(s, "host RAM", s.host_free, host_need(last, s), offload))
 
 
+def disk_plan(s: Sizes, margin: float = 0.9) -> Plan:
+    """Weights on disk: two blocks and the shell resident; activations on the GPU if they fit there,
+    else in RAM, else in a memory-mapped scratch file."""
+    acts = s.activations * s.activation_copies
+    resident = 2 * s.block + s.shell + s.work
+    if s.device_free is not None and acts + resident <= margin * s.device_free:
+        return Plan("disk", "disk", "cuda", acts, acts + resident, s.storage_dtype)
+    if resident > margin * (s.device_free if s.device_free is not None else s.host_free):
+        raise PrunekitError(_no_fit(s, "GPU memory" if s.device_free is not None else "host RAM",
+                                    s.device_free if s.device_free is not None else s.host_free, resident))
+    home = "cpu" if acts + resident <= margin * s.host_free else "scratch"
+    device = resident if s.device_free is not None else 0
+    return Plan("disk", "disk", home, acts, device, s.storage_dtype)
+
+
+def needs_disk(checkpoint_bytes: int, host_free: int, margin: float = 0.9) -> bool:
+    """--offload auto: read the model from disk when its checkpoint would not fit in the free RAM."""
+    return checkpoint_bytes > margin * host_free
+
+
 def _no_fit(s: Sizes, where: str, free: int, need: int, offload: str = "auto") -> str:
     hint = "lower --nsamples or --seqlen"
     if offload not in ("auto", "cpu") and where == "GPU memory":
         hint = "use --offload auto (or cpu), or " + hint
+    elif where == "host RAM" and offload != "disk":
+        hint = "use --offload disk (weights read from the checkpoint, activations in --scratch-dir), or " + hint
     return (f"placement: nothing fits: {need / GiB:.2f} GiB needed in {where}, {free / GiB:.2f} GiB free "
             f"(activations {s.activations * s.activation_copies / GiB:.2f} GiB {s.storage_dtype}, "
-            f"largest block {s.block / GiB:.2f} GiB): {hint}; disk offload does not exist yet")
+            f"largest block {s.block / GiB:.2f} GiB): {hint}")

@@ -1,0 +1,141 @@
+"""AlphaPruning's ESD: accuracy and time of each eigenvalue precision, and the cost of the cache key.
+
+For every precision: the largest |delta alpha| against float64 over all matrices (alpha_peak and
+alpha_mid), how many matrices move by more than 1e-3, which metric esd_dtype="auto" gives that
+precision to, the ESD seconds (esd_eigenvalues_batched) and the cache-key seconds (weights_key),
+next to the old key (blake2b of every weight byte, after a host copy). Prints a markdown table and
+writes bench/results/esd.json. On a shared CPU, OMP_NUM_THREADS=1 gives steadier timings.
+
+    python bench/bench_esd.py                                  # SmolLM2-135M on the CPU
+    python bench/bench_esd.py --random 7b --layers 2 --device cuda   # LLaMA-7B-shaped random weights
+    python bench/bench_esd.py --random small --layers 2        # the same on a CPU, small shapes
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import markdown, meta, write_results  # noqa: E402
+
+from prunekit.allocation.alpha import block_weights, weights_key  # noqa: E402
+from prunekit.allocation.esd import alpha_mid, alpha_peak, esd_eigenvalues_batched, resolve_precision  # noqa: E402
+
+# hidden, intermediate, k/v output size of LLaMA-shaped blocks
+SHAPES = {"7b": (4096, 11008, 4096), "13b": (5120, 13824, 5120), "small": (256, 688, 64)}
+COLUMNS = [("precision", "precision", ""), ("max_dpeak", "max abs d alpha_peak", ".2e"),
+           ("max_dmid", "max abs d alpha_mid", ".2e"), ("over_1e3", "matrices > 1e-3", "d"),
+           ("auto_for", "auto for", ""), ("esd_seconds", "ESD s", ".2f"),
+           ("key_seconds", "key s", ".3f")]
+
+
+def random_weights(preset: str, layers: int, dtype: torch.dtype, device: str, where: str, seed: int = 0):
+    """LLaMA-shaped Gaussian weights (std 1/sqrt(fan_in)), generated on `device`, kept on `where`."""
+    hidden, inter, kv = SHAPES[preset]
+    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
+              "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden),
+              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [(f"model.layers.{i}.{name}",
+             (torch.randn(shape, generator=g, device=device) / shape[1] ** 0.5).to(where, dtype))
+            for i in range(layers) for name, shape in shapes.items()]
+
+
+def byte_key(named_weights) -> str:
+    """The old cache key: every weight byte through blake2b after a host copy."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, w in named_weights:
+        h.update(f"{name}:{tuple(w.shape)}:{w.dtype}".encode())
+        h.update(w.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)  # every timed function ends in a host copy, so the device is synchronised
+    return out, time.perf_counter() - start
+
+
+def svd_eigenvalues(weights, device) -> list[torch.Tensor]:
+    """float32 svdvals(W)^2, one matrix at a time: how the reference computes its spectra."""
+    return [(torch.linalg.svdvals(w.to(device, torch.float32)).double().flip(0) ** 2).cpu() for w in weights]
+
+
+def alphas(eigs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.tensor([[alpha_peak(e), alpha_mid(e)] for e in eigs], dtype=torch.float64)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--random", "--shape", dest="random", choices=sorted(SHAPES),
+                    help="random LLaMA-shaped weights instead of --model")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--weight-dtype", default="bfloat16", help="dtype of the random weights")
+    ap.add_argument("--weights-on", default="cpu", help="where the random weights live (cpu or the device)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precisions", nargs="+", default=["float64", "float32"])
+    ap.add_argument("--svd32", action="store_true", help="also float32 svdvals (the reference's own path)")
+    ap.add_argument("--skip-byte-key", action="store_true", help="do not time the old blake2b key")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "esd.json"))
+    args = ap.parse_args()
+
+    if args.random:
+        source = f"random {args.random} x {args.layers} layers ({args.weight_dtype}, on {args.weights_on})"
+        named = random_weights(args.random, args.layers, getattr(torch, args.weight_dtype), args.device,
+                               args.device if args.weights_on == "device" else args.weights_on)
+    else:
+        from prunekit.loading import load
+        model, _, adapter, _ = load(args.model)
+        named = block_weights(model, adapter)
+        source = f"{args.model} ({named[0][1].dtype}, on {named[0][1].device})"
+    weights = [w for _, w in named]
+    numel = sum(w.numel() for w in weights)
+    print(f"{source}: {len(weights)} matrices, {numel / 1e6:.0f} M weights, ESD on {args.device}", flush=True)
+
+    # warm up the device's BLAS and solver handles, so the first precision does not pay for them
+    for precision in ("float64", "float32"):
+        esd_eigenvalues_batched([torch.randn(64, 96)], precision, args.device)
+
+    _, key_seconds = timed(weights_key, named)
+    byte_seconds = None if args.skip_byte_key else timed(byte_key, named)[1]
+    print(f"cache key: fingerprint {key_seconds:.3f} s"
+          + ("" if byte_seconds is None else f", old blake2b of every byte {byte_seconds:.3f} s"), flush=True)
+
+    ref_eigs, ref_seconds = timed(esd_eigenvalues_batched, weights, "float64", args.device)
+    ref = alphas(ref_eigs)
+    runs = {"float64": (ref_eigs, ref_seconds)}
+    for precision in args.precisions:
+        if precision not in runs:
+            runs[precision] = timed(esd_eigenvalues_batched, weights, precision, args.device)
+    if args.svd32:
+        runs["svdvals float32"] = timed(svd_eigenvalues, weights, args.device)
+
+    rows = []
+    for precision, (eigs, seconds) in runs.items():
+        delta = (alphas(eigs) - ref).abs()
+        auto_for = " ".join(m for m in ("alpha_peak", "alpha_mid") if resolve_precision("auto", m) == precision)
+        rows.append({"precision": precision, "max_dpeak": delta[:, 0].max().item(),
+                     "max_dmid": delta[:, 1].max().item(), "over_1e3": int((delta.amax(1) > 1e-3).sum()),
+                     "auto_for": auto_for or None, "esd_seconds": seconds, "key_seconds": key_seconds,
+                     "worst": named[int(delta[:, 0].argmax())][0]})
+        print(f"{precision}: {seconds:.2f} s, max |d alpha_peak| {rows[-1]['max_dpeak']:.2e} "
+              f"({rows[-1]['worst']}), max |d alpha_mid| {rows[-1]['max_dmid']:.2e}", flush=True)
+
+    table = markdown(rows, COLUMNS)
+    print(table)
+    cuda = str(args.device).startswith("cuda")
+    write_results(args.out, rows, {**meta(), "source": source, "device": args.device,
+                                   "device_name": torch.cuda.get_device_name() if cuda else "cpu",
+                                   "peak_device_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+                                   "matrices": len(weights), "weights": numel, "key_seconds": key_seconds,
+                                   "byte_key_seconds": byte_seconds, "table": table})
+
+
+if __name__ == "__main__":
+    main()
