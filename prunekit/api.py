@@ -21,7 +21,7 @@ from .errors import PrunekitError
 from .evaluate import perplexity
 from .execution import Compute, capture_block_inputs, check_prunable, prune, unsavable_biases
 from .execution.loop import plan_for
-from .export import atomic_folder, check_output_dir, save, write_record
+from .export import atomic_folder, check_output_dir, save, save_bitmask, write_record
 from .loading import load, resolve
 from .scoring import build_scorer
 
@@ -40,10 +40,6 @@ def corpora(eval: str | list[str] | None) -> list[str]:
     return [c.strip() for c in items if c.strip()]
 
 
-def load_eval_windows(tokenizer, corpus: str, seqlen: int, max_windows: int | None) -> torch.Tensor:
-    return eval_windows(tokenize(tokenizer, load_text(corpus, "eval")), seqlen, max_windows)
-
-
 def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -60,11 +56,11 @@ class Workspace:
     """A loaded model plus caches keyed by what decides them. With `offload="disk"` (or "auto" and a
     checkpoint larger than the free RAM) the model is a skeleton whose blocks stay on disk."""
 
-    def __init__(self, model: str, offload: str = "auto", gguf_cache: str | None = None):
+    def __init__(self, model: str, offload: str = "auto", gguf_cache: str | None = None, encoding: str = "utf-8"):
         from .execution.loop import host_free_bytes
         from .execution.placement import needs_disk
         t0 = time.perf_counter()
-        self.spec = model
+        self.spec, self.encoding = model, encoding
         source = resolve(model)
         self.disk = offload == "disk" or (offload == "auto" and needs_disk(_checkpoint_bytes(source.path),
                                                                           host_free_bytes()))
@@ -90,7 +86,7 @@ class Workspace:
         return self._cache[key]
 
     def samples(self, calib: str, config: PruneConfig) -> torch.Tensor:
-        ids = self._cached(("ids", calib), lambda: tokenize(self.tokenizer, load_text(calib, "calib")))
+        ids = self._cached(("ids", calib), lambda: tokenize(self.tokenizer, load_text(calib, "calib", self.encoding)))
         return self._cached(("samples", calib, config.nsamples, config.seqlen, config.seed),
                             lambda: calibration_samples(ids, config.nsamples, config.seqlen, config.seed))
 
@@ -109,7 +105,17 @@ class Workspace:
 
     def windows(self, corpus: str, seqlen: int, max_windows: int | None) -> torch.Tensor:
         return self._cached(("windows", corpus, seqlen, max_windows),
-                            lambda: load_eval_windows(self.tokenizer, corpus, seqlen, max_windows))
+                            lambda: eval_windows(tokenize(self.tokenizer, load_text(corpus, "eval", self.encoding)),
+                                                 seqlen, max_windows))
+
+    def check_context(self, config: PruneConfig, *lengths: int) -> None:
+        """A calibration or evaluation length beyond the model's context is refused unless asked for:
+        past it the model is out of distribution, and a typo (100000 for 1000) would run for hours."""
+        limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
+        for flag, n in zip(("--seqlen", "--eval-seqlen"), lengths):
+            if limit and n and n > limit and not config.allow_long_context:
+                raise PrunekitError(f"{flag} {n} is beyond the model's context ({limit} positions): lower it, "
+                                    f"or pass --allow-long-context")
 
     def evaluate(self, net, config: PruneConfig, eval: list[str], seqlen: int, max_windows: int | None,
                  tasks: list[str] | None, limit: int | None, label: str, reader=None) -> dict:
@@ -157,6 +163,8 @@ class Workspace:
                                 f"or prune without --out")
         eval = corpora(eval)
         seqlen = eval_seqlen or config.seqlen
+        self.check_context(config, config.seqlen if (scorer.needs_stats or needs_data(config.allocation)) else 0,
+                           seqlen if eval else 0)
         for corpus in eval:  # a missing corpus fails before the prune, not after it
             self.windows(corpus, seqlen, eval_windows_max)
         needs = scorer.needs_stats or needs_data(config.allocation)
@@ -175,11 +183,18 @@ class Workspace:
             return self._run_disk(config, samples, inputs, record, eval, seqlen, eval_windows_max, out, overwrite,
                                   tasks, limit, log), None
         net = self.model if in_place else copy.deepcopy(self.model)
-        report = prune(net, config, samples, self.adapter, inputs=inputs, log=log)
+        checkpoint = _checkpointer(config, out)
+        report = prune(net, config, samples, self.adapter, inputs=inputs, log=log, checkpoint=checkpoint)
         _report_into(record, report)
         record.update(self.evaluate(net, config, eval, seqlen, eval_windows_max, tasks, limit, "pruned"))
         if out:
-            record["out"] = save(net, self.tokenizer, out, record, overwrite)
+            if config.save_format == "bitmask":
+                names = {layer["name"] + ".weight" for layer in report.layers}
+                record["out"] = save_bitmask(net, self.tokenizer, out, record, names, overwrite)
+            else:
+                record["out"] = save(net, self.tokenizer, out, record, overwrite)
+        if checkpoint is not None:
+            checkpoint.clear()  # the result is saved: nothing left to resume
         return record, net
 
     def _run_disk(self, config, samples, inputs, record, eval, seqlen, max_windows, out, overwrite, tasks, limit,
@@ -190,6 +205,10 @@ class Workspace:
         from .execution.disk import DiskRun, load_skeleton, parse_size
         if not out:
             raise PrunekitError("--offload disk writes each pruned block as it finishes: pass --out DIR")
+        if config.save_format != "dense":
+            raise PrunekitError("--offload disk writes the dense format: drop --save-format bitmask, or prune in memory")
+        if config.resume:
+            raise PrunekitError("--resume is not available with --offload disk yet: rerun without --resume")
         model, tokenizer, adapter, reader = load_skeleton(self.folder)
         with atomic_folder(out, overwrite) as tmp:
             run = DiskRun(reader, tmp, parse_size(config.max_shard_size),
@@ -209,6 +228,18 @@ class Workspace:
         return record
 
 
+def _checkpointer(config: PruneConfig, out: str | None):
+    """Checkpoints after each block for runs that save (--out), unless --no-checkpoint."""
+    if not out or not (config.checkpoint or config.resume):
+        if config.resume:
+            raise PrunekitError("--resume continues a run that saves its result: pass the same --out")
+        return None
+    import os
+    from .execution.resume import Checkpointer
+    folder = config.checkpoint_dir or os.path.abspath(out).rstrip("/") + ".checkpoint"
+    return Checkpointer(folder, config, config.resume)
+
+
 def _report_into(record: dict, report) -> None:
     record.update(sparsity=report.sparsity, prune_seconds=report.prune_seconds, placement=report.placement,
                   phases=report.phases, allocation=report.allocation, allocation_info=report.allocation_info,
@@ -220,21 +251,33 @@ def _report_into(record: dict, report) -> None:
 def prune_model(model: str, config: PruneConfig, calib: str | None = "wikitext2", eval=None,
                 eval_seqlen: int | None = None, eval_windows_max: int | None = None, eval_dense: bool = False,
                 out: str | None = None, overwrite: bool = False, tasks: list[str] | None = None,
-                limit: int | None = None, log=_log):
+                limit: int | None = None, log=_log, encoding: str = "utf-8"):
     """Prune the model named by `model` (folder, .gguf, hub id or alias); return (run record, pruned model)."""
+    from .execution import distributed
     build_scorer(config)  # unknown method: fail before loading anything
+    distributed.init_from_env(config.device)
+    rank, size = distributed.world()
+    if size > 1:
+        if config.offload == "disk" or config.resume:
+            raise PrunekitError("distributed runs keep the model in memory: drop --offload disk / --resume")
+        config = PruneConfig.from_dict({**config.to_dict(), "checkpoint": False})
+        if rank != 0:  # rank 0 evaluates and writes; the others calibrate their shard and follow
+            eval, tasks, out, eval_dense = None, None, None, False
     if out:
         check_output_dir(out, overwrite)
-    return Workspace(model, config.offload, config.gguf_cache).run(
+    return Workspace(model, config.offload, config.gguf_cache, encoding).run(
         config, calib, eval, eval_seqlen, eval_windows_max, eval_dense, out, overwrite, tasks, limit,
         in_place=True, log=log)
 
 
 def evaluate_model(model: str, eval=None, seqlen: int = 2048, max_windows: int | None = None,
                    device: str = "auto", dtype: str = "auto", tasks: list[str] | None = None,
-                   limit: int | None = None, offload: str = "auto") -> dict:
-    ws = Workspace(model, offload)
-    config = PruneConfig(device=device, dtype=dtype)
+                   limit: int | None = None, offload: str = "auto", encoding: str = "utf-8",
+                   allow_long_context: bool = False) -> dict:
+    ws = Workspace(model, offload, encoding=encoding)
+    config = PruneConfig(device=device, dtype=dtype, allow_long_context=allow_long_context)
+    if eval:
+        ws.check_context(config, 0, seqlen)
     result = ws.evaluate(ws.model, config, corpora(eval), seqlen, max_windows, tasks, limit, "model",
                          ws.reader if ws.disk else None)
     return {"model": model, "eval": eval, **result, "versions": versions()}

@@ -19,6 +19,9 @@ def _add_eval_args(p, seqlen_flag: str):
                                                     "arc_easy,arc_challenge,openbookqa,piqa, or all")
     p.add_argument("--limit", type=int, metavar="N", help="zero-shot: first N documents per task")
     p.add_argument("--json", metavar="FILE", help="write the run record as JSON")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of corpus files")
+    p.add_argument("--allow-long-context", action="store_true",
+                   help="allow a calibration/evaluation length beyond the model's max_position_embeddings")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="auto",
                    help="compute dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16, float16")
@@ -59,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-dense", action="store_true", help="also evaluate the dense model first")
     p.add_argument("--out", metavar="DIR", help="save the pruned model here")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="state saved after each block (default: OUT.checkpoint)")
+    p.add_argument("--no-checkpoint", action="store_true", help="do not save state after each block")
+    p.add_argument("--save-format", default="dense", help="dense (safetensors with zeros, loads anywhere) or "
+                                                           "bitmask (kept values + packed mask; prunekit.load_pruned)")
     _add_eval_args(p, "--eval-seqlen")
     _add_allocation_args(p)
 
@@ -80,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="run a grid of prunes of one model, resumable, one JSON line per cell")
     s.add_argument("--config", required=True, metavar="SWEEP.yaml")
     s.add_argument("--results", metavar="FILE.jsonl", help="results file (default: the sweep's `results`)")
+
+    b = sub.add_parser("bench-speed", help="dense vs 2:4 sparse time per layer shape and whole prefill")
+    b.add_argument("--model", required=True, help="a 2:4-pruned model folder")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--dtype", default="auto")
+    b.add_argument("--tokens", default="16,128,512,2048,8192,32768", help="token counts, comma-separated")
+    b.add_argument("--json", metavar="FILE")
 
     r = sub.add_parser("report", help="markdown report with tables and plots from sweep results")
     r.add_argument("results", metavar="RESULTS.jsonl")
@@ -109,8 +124,10 @@ def _config(args) -> PruneConfig:
     return PruneConfig(method=args.method, pattern=args.pattern, allocation=args.allocation,
                        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
                        dtype=args.dtype, stats_dtype=args.stats_dtype, offload=args.offload,
-                       scratch_dir=args.scratch_dir, max_shard_size=args.max_shard_size, gguf_cache=args.gguf_cache,
-                       record_error=args.record_error, bias_update=not args.no_bias_update,
+                       scratch_dir=args.scratch_dir, save_format=args.save_format, resume=args.resume,
+                       checkpoint=not args.no_checkpoint, checkpoint_dir=args.checkpoint_dir, max_shard_size=args.max_shard_size, gguf_cache=args.gguf_cache,
+                       record_error=args.record_error, allow_long_context=args.allow_long_context,
+                       bias_update=not args.no_bias_update,
                        wanda_variant=args.wanda_variant, **_allocation_options(args))
 
 
@@ -199,7 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             record, _ = api.prune_model(run["model"], config, calib=run["calib"], eval=run["eval"],
                                         eval_seqlen=run["eval_seqlen"], eval_windows_max=run["eval_windows"],
                                         eval_dense=args.eval_dense, out=args.out, overwrite=args.overwrite,
-                                        tasks=_tasks(args.tasks), limit=args.limit)
+                                        tasks=_tasks(args.tasks), limit=args.limit, encoding=args.encoding)
+            from .execution.distributed import world
+            if world()[0] != 0:  # torchrun: rank 0 reports and writes
+                return 0
             print(_summary(record))
         elif args.command == "analyze":
             from . import analyze
@@ -209,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
                 analyze.plot(record, args.plot)
         elif args.command == "sweep":
             _sweep(args)
+        elif args.command == "bench-speed":
+            from .speed import bench_speed, table
+            record = bench_speed(args.model, args.device, args.dtype, [int(t) for t in args.tokens.split(",")])
+            print(table(record))
         elif args.command == "report":
             from .report import write_report
             print(write_report(args.results, args.out))
@@ -218,12 +242,18 @@ def main(argv: list[str] | None = None) -> int:
                                     "or --tasks TASKS")
             record = api.evaluate_model(args.model, args.eval, args.eval_seqlen or 2048, args.eval_windows,
                                         args.device, args.dtype, tasks=_tasks(args.tasks), limit=args.limit,
-                                        offload=args.offload)
+                                        offload=args.offload, encoding=args.encoding,
+                                        allow_long_context=args.allow_long_context)
             print(_summary(record))
         if record is not None and getattr(args, "json", None):
             _write_json(args.json, record)
     except PrunekitError as exc:
         print(f"prunekit: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, read-only or unwritable output: nothing half-written is left
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"prunekit: error: cannot write or read{where}: {exc.strerror or exc}: free some space or "
+              f"choose another --out", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prunekit: interrupted", file=sys.stderr)

@@ -45,6 +45,11 @@ class PruneConfig:
     scratch_dir: str | None = None        # disk offload: folder of the memory-mapped activations (default: beside --out)
     max_shard_size: str = "50GB"          # disk offload: output shard size (transformers' default)
     gguf_cache: str | None = None         # disk offload of a GGUF: its dequantized safetensors copy (default: cache dir)
+    checkpoint: bool = True               # with --out: save the state after each block (--resume continues it)
+    checkpoint_dir: str | None = None     # where (default: OUT.checkpoint beside --out)
+    resume: bool = False                  # continue an interrupted run from its checkpoint
+    save_format: str = "dense"            # dense (zeros, loads anywhere) or bitmask (kept values + packed mask)
+    allow_long_context: bool = False      # calibrate/evaluate beyond max_position_embeddings
     record_error: bool = False            # per block: relative MSE of the pruned output vs the dense one
     bias_update: bool = True              # STADE mean compensation
     wanda_variant: bool = False           # Wanda appendix variant: per-row cumulative-score threshold
@@ -76,6 +81,8 @@ class PruneConfig:
             raise PrunekitError(f"--offload {self.offload!r} is not one of {', '.join(OFFLOAD)}")
         from .execution.disk import parse_size
         parse_size(self.max_shard_size)
+        if self.save_format not in ("dense", "bitmask"):
+            raise PrunekitError(f"--save-format {self.save_format!r} is not dense or bitmask")
         if self.esd_dtype not in ESD_DTYPES:
             raise PrunekitError(f"--esd-dtype {self.esd_dtype!r} is not one of {', '.join(ESD_DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

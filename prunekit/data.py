@@ -34,19 +34,34 @@ _C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4
 _C4_DOCS = {"train": 20000, "validation": 1100}  # validation: Wanda's first 1100 documents
 
 
-def _read_file(path: str) -> str:
+MAX_UNDECODABLE = 0.001  # share of a text corpus that may be undecodable before it is refused
+
+
+def _read_file(path: str, encoding: str = "utf-8") -> str:
     if path.endswith((".jsonl", ".json")):
         texts = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        texts.append(json.loads(line)["text"])
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise PrunekitError(f"{path}:{lineno} is not a JSON object with a \"text\" field") from None
+        try:
+            with open(path, encoding=encoding) as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            texts.append(json.loads(line)["text"])
+                        except (json.JSONDecodeError, KeyError, TypeError):
+                            raise PrunekitError(f"{path}:{lineno} is not a JSON object with a \"text\" field") from None
+        except UnicodeDecodeError:
+            raise PrunekitError(f"{path} is not {encoding} text: pass its encoding with --encoding") from None
         return "\n\n".join(texts)
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode(encoding, errors="replace")
+    except LookupError:
+        raise PrunekitError(f"--encoding {encoding!r} is not a known text encoding: use e.g. utf-8 or latin-1") from None
+    bad = text.count("\ufffd") - raw.decode(encoding, errors="ignore").count("\ufffd")
+    if bad > MAX_UNDECODABLE * max(len(text), 1):
+        raise PrunekitError(f"{path} is not {encoding} text ({bad} undecodable bytes of {len(raw)}): "
+                            f"pass a text file, or its encoding with --encoding")
+    return text
 
 
 def _from_hub(name: str, split: str) -> str:
@@ -66,10 +81,10 @@ def _from_hub(name: str, split: str) -> str:
     return joiner.join(data[column])
 
 
-def load_text(corpus: str, split: str = "eval") -> str:
+def load_text(corpus: str, split: str = "eval", encoding: str = "utf-8") -> str:
     """Text of a corpus; `split` is 'calib' or 'eval' and only matters for dataset names."""
     if os.path.isfile(os.path.expanduser(corpus)):
-        text = _read_file(os.path.expanduser(corpus))
+        text = _read_file(os.path.expanduser(corpus), encoding)
     elif corpus in DATASETS:
         local = os.path.join(os.environ.get("PRUNEKIT_DATA_DIR", ""), DATASETS[corpus][split][0])
         text = _read_file(local) if os.environ.get("PRUNEKIT_DATA_DIR") and os.path.isfile(local) else _from_hub(corpus, split)

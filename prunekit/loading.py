@@ -36,6 +36,9 @@ def resolve(spec: str) -> ModelSource:
     if expanded.endswith(".gguf"):
         if not os.path.isfile(expanded):
             raise PrunekitError(f"model file {spec} does not exist: pass an existing .gguf file")
+        with open(expanded, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise PrunekitError(f"{spec} is not a GGUF file (no GGUF magic bytes): pass a .gguf model file")
         return ModelSource(spec, os.path.dirname(os.path.abspath(expanded)), os.path.basename(expanded))
     if os.path.isdir(expanded):
         if not os.path.isfile(os.path.join(expanded, "config.json")):
@@ -52,10 +55,16 @@ def _from_pretrained(loader, source: ModelSource, **kwargs):
         kwargs["gguf_file"] = source.gguf_file
     try:
         return loader.from_pretrained(source.path, **kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # OSError, ValueError, SafetensorError, gguf's readers' errors: the file, not us
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "safetensor" in type(exc).__name__.lower() or "safetensor" in first.lower():
+            raise PrunekitError(f"{source.spec}: a safetensors file is truncated or corrupt ({first[:160]}): "
+                                f"download or save the checkpoint again") from None
+        if source.is_gguf and not isinstance(exc, OSError):
+            raise PrunekitError(f"{source.spec}: not a GGUF model transformers can read ({first[:160]}): "
+                                f"pass a GGUF of a supported architecture") from None
         raise PrunekitError(f"could not load {source.spec!r} ({first[:200]}): pass a local model folder or "
-                            f".gguf file, or check that the hub is reachable") from exc
+                            f".gguf file, or check that the hub is reachable") from None
 
 
 def load_config(source: ModelSource):
@@ -72,7 +81,10 @@ def load(spec: str):
     config = load_config(source)
     adapter: Adapter = adapter_for(config.model_type)
     tokenizer = _from_pretrained(AutoTokenizer, source)
-    model = _from_pretrained(AutoModelForCausalLM, source, dtype="auto" if not source.is_gguf else None)
+    # safetensors only (no pickle), and never remote code
+    safe = {} if source.is_gguf else {"use_safetensors": True}
+    model = _from_pretrained(AutoModelForCausalLM, source, dtype="auto" if not source.is_gguf else None,
+                             trust_remote_code=False, **safe)
     if source.is_gguf:
         # transformers marks GGUF models as quantized and refuses to save them; the weights are
         # already dequantized, so drop the marker and save as a plain float checkpoint.

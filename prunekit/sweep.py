@@ -35,7 +35,7 @@ from .config import PruneConfig
 from .errors import PrunekitError
 from .recipe import check_types, read_mapping
 
-RUN_OPTIONS = ("model", "calib", "eval", "eval_seqlen", "eval_windows", "eval_dense")
+RUN_OPTIONS = ("model", "calib", "eval", "eval_seqlen", "eval_windows", "eval_dense", "tasks", "limit")
 SPEC_KEYS = set(RUN_OPTIONS) | {"base", "grid", "results"}
 
 

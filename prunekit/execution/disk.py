@@ -118,8 +118,9 @@ def _set(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
         mod._buffers[leaf] = tensor
 
 
-def load_skeleton(folder: str):
-    """(model on meta with its shell loaded, tokenizer, adapter, reader) for a safetensors folder."""
+def load_skeleton(folder: str, tokenizer: bool = True):
+    """(model on meta with its shell loaded, tokenizer (None if not asked for), adapter, reader) for a
+    safetensors folder."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -141,8 +142,7 @@ def load_skeleton(folder: str):
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     model.eval()
     model.config.use_cache = False
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    return model, tokenizer, adapter, reader
+    return model, AutoTokenizer.from_pretrained(folder) if tokenizer else None, adapter, reader
 
 
 class ShardWriter:

@@ -24,6 +24,7 @@ from ..allocation import Allocation, allocate, needs_data
 from ..config import PruneConfig
 from ..errors import PrunekitError
 from ..scoring import Scorer, build_scorer
+from . import distributed
 from .disk import DiskBlocks
 from .passes import Activations, ErrorMeter, Scratch, capture_block_inputs, collect_stats, run_block
 from .placement import Plan, Sizes, plan_placement
@@ -89,6 +90,7 @@ class AllocationContext:
             _onload(self.streamer, block, i, compute.device)
             with collect_stats(self.adapter.block_linears(block), centred=lambda name: False) as stats:
                 run_block(block, current, compute, outputs=current)
+            distributed.combine_stats(stats)
             yield i, block, stats
             _offload(self.streamer, block, i, pruned=False)
         del current
@@ -257,12 +259,13 @@ def prepare_biases(model: nn.Module, adapter: Adapter, scorer: Scorer) -> None:
 
 def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = None,
           adapter: Adapter | None = None, inputs: Activations | None = None, log=None,
-          disk=None) -> PruneReport:
+          disk=None, checkpoint=None) -> PruneReport:
     """Prune `model` in place. `samples`: (nsamples, seqlen) calibration token ids (unused by
     magnitude with a uniform allocation). `inputs`: block-0 inputs captured earlier with the same
     samples and compute (a sweep reuses them; they are copied, not consumed). `log(line)` receives
     the placement line before any work. `disk` (execution.disk.DiskRun): the model is a skeleton whose
-    blocks are read from the checkpoint and written to the output as they finish."""
+    blocks are read from the checkpoint and written to the output as they finish. `checkpoint`
+    (execution.resume.Checkpointer): state saved after each block, and resumed from where it has one."""
     start = time.perf_counter()
     adapter = adapter or adapter_for(model.config.model_type)
     scorer = build_scorer(config)
@@ -272,6 +275,8 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
     needs_inputs = scorer.needs_stats or needs_data(config.allocation)
     if needs_inputs and samples is None and inputs is None:
         raise PrunekitError(f"method {config.method} needs calibration data: pass --calib")
+    if samples is not None:
+        samples = distributed.shard(samples)  # this rank's sequences (all of them in one process)
     shape = tuple(inputs.hidden.shape[:2]) if inputs is not None else \
         (tuple(samples.shape) if samples is not None and needs_inputs else None)
     plan = plan_for(model, adapter, config, compute, scorer, shape, disk=disk is not None)
@@ -282,7 +287,7 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
     scratch = Scratch(disk.scratch_dir) if disk is not None and plan.activations == "scratch" else None
     try:
         _run(model, config, samples, adapter, inputs, log, disk, scorer, compute, stats_compute, blocks,
-             needs_inputs, plan, phases, report, scratch)
+             needs_inputs, plan, phases, report, scratch, checkpoint)
     finally:
         if scratch is not None:
             scratch.cleanup()
@@ -292,7 +297,7 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
 
 
 def _run(model, config, samples, adapter, inputs, log, disk, scorer, compute, stats_compute, blocks, needs_inputs,
-         plan, phases, report, scratch) -> None:
+         plan, phases, report, scratch, checkpoint=None) -> None:
     with model_on_device(model, compute.device, plan):
         if disk is not None:
             streamer = DiskBlocks(model, adapter, disk.reader, compute.device)
@@ -305,17 +310,25 @@ def _run(model, config, samples, adapter, inputs, log, disk, scorer, compute, st
                     model, adapter, samples, config.effective_batch_size, compute, home=plan.activations,
                     scratch=scratch)
         ctx = AllocationContext(model, adapter, config, compute, acts, streamer)
-        with phases("allocation"):
-            alloc = allocate(config.allocation, ctx)
-            if config.nm is not None:
-                _nm_targets(alloc, ctx)
-        report.allocation, report.allocation_info = alloc.blocks, alloc.info
+        start = checkpoint.done if checkpoint is not None else 0
+        if not start:
+            with phases("allocation"):
+                alloc = allocate(config.allocation, ctx)
+                if config.nm is not None:
+                    _nm_targets(alloc, ctx)
         prepare_biases(model, adapter, scorer)
+        counts, errors = [], []
+        if start:  # resume: the finished blocks, the next block's inputs, the allocation
+            alloc, counts, errors = checkpoint.restore(blocks, acts, Allocation)
+            if log is not None:
+                log(f"resuming at block {start} of {len(blocks)} from {checkpoint.folder}")
+        report.allocation, report.allocation_info = alloc.blocks, alloc.info
         if disk is not None:  # the output's layout is final now (biases included): plan its shards
             streamer.writer = disk.open_writer(model, adapter)
         dense = acts.clone() if (config.record_error and acts is not None) else None
-        counts, errors = [], []
         for i, block in enumerate(tqdm(blocks, desc=f"pruning ({config.method})")):
+            if i < start:
+                continue
             _onload(streamer, block, i, compute.device)
             linears = adapter.block_linears(block)
             stats = {}
@@ -325,9 +338,11 @@ def _run(model, config, samples, adapter, inputs, log, disk, scorer, compute, st
                         centred=lambda n: scorer.centred(n in adapter.norm_fed),
                         gram=lambda n: scorer.gram(n in adapter.norm_fed)) as stats:
                     run_block(block, acts, stats_compute, outputs=dense)
+                distributed.combine_stats(stats)
             flags = []
+            rank0 = distributed.world()[0] == 0
             with phases("masks"):
-                for name, module in linears.items():
+                for name, module in (linears if rank0 else {}).items():  # once, on rank 0
                     nm = alloc.nm[i][name] if alloc.nm is not None else None
                     full = f"{adapter.blocks_path}.{i}.{name}"
                     count, flag, info = prune_linear(module, adapter, scorer, stats.get(name),
@@ -336,18 +351,31 @@ def _run(model, config, samples, adapter, inputs, log, disk, scorer, compute, st
                     flags.append(flag)
                     if info and log is not None:
                         log(f"{full}: {info}")
+            failure = None
+            if rank0:
+                try:
+                    _check_block(i, list(linears), flags)
+                except PrunekitError as exc:
+                    failure = exc
+            if distributed.broadcast_flag(failure is not None):
+                raise failure or PrunekitError(f"rank 0 stopped at block {i} (NaN/inf): see its output")
+            distributed.broadcast_block(block)  # every rank holds rank 0's pruned block
             if acts is not None and (i + 1 < len(blocks) or dense is not None):
                 meter = ErrorMeter(compute.device) if dense is not None else None
                 with phases("pruned pass"):
                     run_block(block, acts, compute, outputs=acts if i + 1 < len(blocks) else None,
                               error=meter, dense=dense)
                 if meter is not None:
+                    distributed.combine_error(meter)
                     errors.append(meter.value())
+            if checkpoint is not None:
+                checkpoint.save(i, block, acts if i + 1 < len(blocks) else None, alloc, counts, errors)
             _offload(streamer, block, i)
-            _check_block(i, list(linears), flags)
         streamer.finish()
         if disk is not None:
             streamer.writer.finish()
+    if not counts:  # a rank other than 0: it pruned nothing itself
+        return
     pruned = torch.stack([c.reshape(()).to("cpu", torch.float64) for _, c, _, _ in counts]).tolist()
     report.layers = [{"name": name, "sparsity": p / numel, **(info or {})}
                      for (name, _, numel, info), p in zip(counts, pruned)]

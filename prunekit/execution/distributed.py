@@ -1,0 +1,93 @@
+"""Distributed calibration on torch.distributed (gloo on the CPU, NCCL on GPUs), as torchrun starts it.
+
+The calibration samples are sharded over the ranks; each rank runs its shard through every block.
+After a block's statistics pass the statistics are combined over the ranks (sums of squares, token
+and sequence counts and X^T X all-reduced; STADE's means and M2 gathered and merged with Chan's
+formula in rank order), rank 0 computes the masks and prunes, and the pruned block is broadcast, so
+every rank holds the same model. Rank 0 writes the output and the report.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_from_env(device: str = "auto") -> None:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); a no-op otherwise."""
+    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        cuda = torch.cuda.is_available() and device != "cpu"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(samples: torch.Tensor) -> torch.Tensor:
+    """This rank's calibration sequences: every world-th one, starting at the rank."""
+    rank, size = world()
+    return samples[rank::size] if size > 1 else samples
+
+
+def combine_stats(stats: dict) -> None:
+    """Combine every distinct ChannelStats of a block over the ranks, in place."""
+    if world()[1] == 1:
+        return
+    for st in {id(s): s for s in stats.values()}.values():
+        device = st.sum_sq.device
+        counts = torch.tensor([st.nseq, st.ntokens], dtype=torch.int64, device=device)
+        if st.centred:
+            parts = [torch.empty_like(t) for t in (st.mean, st.m2) for _ in range(world()[1])]
+            size = world()[1]
+            means, m2s = parts[:size], parts[size:]
+            all_counts = [torch.empty_like(counts) for _ in range(size)]
+            dist.all_gather(all_counts, counts)
+            dist.all_gather(means, st.mean.contiguous())
+            dist.all_gather(m2s, st.m2.contiguous())
+            n, mean, m2 = 0, None, None
+            for c, mu, m in zip(all_counts, means, m2s):  # Chan's merge, rank order
+                nb = int(c[1])
+                if mean is None:
+                    n, mean, m2 = nb, mu.clone(), m.clone()
+                    continue
+                delta = mu - mean
+                total = n + nb
+                mean = mean + delta * (nb / total)
+                m2 = m2 + m + delta * delta * (n * nb / total)
+                n = total
+            st.mean, st.m2 = mean, m2
+        dist.all_reduce(counts)
+        st.nseq, st.ntokens = int(counts[0]), int(counts[1])
+        dist.all_reduce(st.sum_sq)
+        if st.xtx is not None:
+            dist.all_reduce(st.xtx)
+
+
+def combine_error(meter) -> None:
+    """The reconstruction error's sums over all ranks' tokens."""
+    if world()[1] > 1:
+        dist.all_reduce(meter.num)
+        dist.all_reduce(meter.den)
+
+
+def broadcast_block(block: torch.nn.Module) -> None:
+    """Rank 0's pruned block (weights, biases) to every rank."""
+    if world()[1] == 1:
+        return
+    for t in list(block.parameters()) + list(block.buffers()):
+        dist.broadcast(t.data, 0)
+
+
+def broadcast_flag(flag: bool) -> bool:
+    """Rank 0's verdict (e.g. NaN found) to every rank, so all stop together instead of hanging."""
+    if world()[1] == 1:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.broadcast(t, 0)
+    return bool(t.item())
