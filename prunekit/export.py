@@ -102,7 +102,6 @@ def save_bitmask(model, tokenizer, path: str, record: dict, sparse_names: set[st
 def load_pruned(path: str):
     """A model saved by prunekit, in either format: dense folders load with from_pretrained; bitmask
     folders are rebuilt from their config and unpacked weights, in the saved dtype."""
-    import torch
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
     record_path = os.path.join(path, "prunekit.json")

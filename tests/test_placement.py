@@ -4,7 +4,6 @@ import torch
 
 from conftest import tiny_model
 from prunekit import PruneConfig, PrunekitError, prune
-from prunekit.adapters import adapter_for
 from prunekit.execution.placement import GiB, Sizes, device_need, plan_placement
 
 # LLaMA-2-7B in bf16 with 128 x 2048 calibration tokens

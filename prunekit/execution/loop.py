@@ -267,120 +267,140 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
     blocks are read from the checkpoint and written to the output as they finish. `checkpoint`
     (execution.resume.Checkpointer): state saved after each block, and resumed from where it has one."""
     start = time.perf_counter()
-    adapter = adapter or adapter_for(model.config.model_type)
-    scorer = build_scorer(config)
-    compute, stats_compute = Compute.from_config(config), Compute.for_stats(config)
-    check_prunable(model, adapter, config)
-    blocks = adapter.blocks(model)
-    needs_inputs = scorer.needs_stats or needs_data(config.allocation)
-    if needs_inputs and samples is None and inputs is None:
+    run = BlockLoop(model, config, adapter or adapter_for(model.config.model_type), log, disk, checkpoint)
+    if run.needs_inputs and samples is None and inputs is None:
         raise PrunekitError(f"method {config.method} needs calibration data: pass --calib")
     if samples is not None:
         samples = distributed.shard(samples)  # this rank's sequences (all of them in one process)
     shape = tuple(inputs.hidden.shape[:2]) if inputs is not None else \
-        (tuple(samples.shape) if samples is not None and needs_inputs else None)
-    plan = plan_for(model, adapter, config, compute, scorer, shape, disk=disk is not None)
+        (tuple(samples.shape) if samples is not None and run.needs_inputs else None)
+    run.plan = plan_for(model, run.adapter, config, run.compute, run.scorer, shape, disk=disk is not None)
     if log is not None:
-        log(plan.line())
-    phases = Phases(compute.device)
-    report = PruneReport(placement=plan.to_dict())
-    scratch = Scratch(disk.scratch_dir) if disk is not None and plan.activations == "scratch" else None
+        log(run.plan.line())
+    run.report.placement = run.plan.to_dict()
+    if disk is not None and run.plan.activations == "scratch":
+        run.scratch = Scratch(disk.scratch_dir)
     try:
-        _run(model, config, samples, adapter, inputs, log, disk, scorer, compute, stats_compute, blocks,
-             needs_inputs, plan, phases, report, scratch, checkpoint)
+        with model_on_device(model, run.compute.device, run.plan):
+            run.prepare(samples, inputs)
+            for i, block in enumerate(tqdm(run.blocks, desc=f"pruning ({config.method})")):
+                if i >= run.start:
+                    run.prune_block(i, block)
+            run.streamer.finish()
+            if disk is not None:
+                run.streamer.writer.finish()
     finally:
-        if scratch is not None:
-            scratch.cleanup()
-    report.phases = phases.totals()
-    report.prune_seconds = time.perf_counter() - start
-    return report
+        if run.scratch is not None:
+            run.scratch.cleanup()
+    run.summarise()
+    run.report.phases = run.phases.totals()
+    run.report.prune_seconds = time.perf_counter() - start
+    return run.report
 
 
-def _run(model, config, samples, adapter, inputs, log, disk, scorer, compute, stats_compute, blocks, needs_inputs,
-         plan, phases, report, scratch, checkpoint=None) -> None:
-    with model_on_device(model, compute.device, plan):
-        if disk is not None:
-            streamer = DiskBlocks(model, adapter, disk.reader, compute.device)
+class BlockLoop:
+    """The state of one prune: what runs where, the allocation, and the per-layer results so far."""
+
+    def __init__(self, model, config, adapter, log, disk, checkpoint):
+        self.model, self.config, self.adapter, self.log = model, config, adapter, log
+        self.disk, self.checkpoint = disk, checkpoint
+        self.scorer = build_scorer(config)
+        self.compute, self.stats_compute = Compute.from_config(config), Compute.for_stats(config)
+        check_prunable(model, adapter, config)
+        self.blocks = adapter.blocks(model)
+        self.needs_inputs = self.scorer.needs_stats or needs_data(config.allocation)
+        self.phases = Phases(self.compute.device)
+        self.report = PruneReport()
+        self.scratch, self.plan, self.acts, self.dense = None, None, None, None
+        self.counts, self.errors, self.start = [], [], 0
+
+    def prepare(self, samples, inputs) -> None:
+        """Block-0 inputs, the allocation (or the interrupted run's state), the biases to compensate."""
+        model, adapter, config = self.model, self.adapter, self.config
+        if self.disk is not None:
+            self.streamer = DiskBlocks(model, adapter, self.disk.reader, self.compute.device)
         else:
-            streamer = BlockStreamer(blocks, compute.device, plan)
-        acts = None
-        if needs_inputs:
-            with phases("capture"):
-                acts = inputs.clone() if inputs is not None else capture_block_inputs(
-                    model, adapter, samples, config.effective_batch_size, compute, home=plan.activations,
-                    scratch=scratch)
-        ctx = AllocationContext(model, adapter, config, compute, acts, streamer)
-        start = checkpoint.done if checkpoint is not None else 0
-        if not start:
-            with phases("allocation"):
-                alloc = allocate(config.allocation, ctx)
+            self.streamer = BlockStreamer(self.blocks, self.compute.device, self.plan)
+        if self.needs_inputs:
+            with self.phases("capture"):
+                self.acts = inputs.clone() if inputs is not None else capture_block_inputs(
+                    model, adapter, samples, config.effective_batch_size, self.compute, home=self.plan.activations,
+                    scratch=self.scratch)
+        self.start = self.checkpoint.done if self.checkpoint is not None else 0
+        if not self.start:
+            ctx = AllocationContext(model, adapter, config, self.compute, self.acts, self.streamer)
+            with self.phases("allocation"):
+                self.alloc = allocate(config.allocation, ctx)
                 if config.nm is not None:
-                    _nm_targets(alloc, ctx)
-        prepare_biases(model, adapter, scorer)
-        counts, errors = [], []
-        if start:  # resume: the finished blocks, the next block's inputs, the allocation
-            alloc, counts, errors = checkpoint.restore(blocks, acts, Allocation)
-            if log is not None:
-                log(f"resuming at block {start} of {len(blocks)} from {checkpoint.folder}")
-        report.allocation, report.allocation_info = alloc.blocks, alloc.info
-        if disk is not None:  # the output's layout is final now (biases included): plan its shards
-            streamer.writer = disk.open_writer(model, adapter)
-        dense = acts.clone() if (config.record_error and acts is not None) else None
-        for i, block in enumerate(tqdm(blocks, desc=f"pruning ({config.method})")):
-            if i < start:
-                continue
-            _onload(streamer, block, i, compute.device)
-            linears = adapter.block_linears(block)
-            stats = {}
-            if scorer.needs_stats:
-                with phases("statistics pass"), collect_stats(
-                        linears, None if dense is not None else adapter.linears[-1],
-                        centred=lambda n: scorer.centred(n in adapter.norm_fed),
-                        gram=lambda n: scorer.gram(n in adapter.norm_fed)) as stats:
-                    run_block(block, acts, stats_compute, outputs=dense)
-                distributed.combine_stats(stats)
-            flags = []
-            rank0 = distributed.world()[0] == 0
-            with phases("masks"):
-                for name, module in (linears if rank0 else {}).items():  # once, on rank 0
-                    nm = alloc.nm[i][name] if alloc.nm is not None else None
-                    full = f"{adapter.blocks_path}.{i}.{name}"
-                    count, flag, info = prune_linear(module, adapter, scorer, stats.get(name),
-                                                     name in adapter.norm_fed, alloc.sparsity[i][name], nm, full)
-                    counts.append((full, count, module.weight.numel(), info))
-                    flags.append(flag)
-                    if info and log is not None:
-                        log(f"{full}: {info}")
-            failure = None
-            if rank0:
-                try:
-                    _check_block(i, list(linears), flags)
-                except PrunekitError as exc:
-                    failure = exc
-            if distributed.broadcast_flag(failure is not None):
-                raise failure or PrunekitError(f"rank 0 stopped at block {i} (NaN/inf): see its output")
-            distributed.broadcast_block(block)  # every rank holds rank 0's pruned block
-            if acts is not None and (i + 1 < len(blocks) or dense is not None):
-                meter = ErrorMeter(compute.device) if dense is not None else None
-                with phases("pruned pass"):
-                    run_block(block, acts, compute, outputs=acts if i + 1 < len(blocks) else None,
-                              error=meter, dense=dense)
-                if meter is not None:
-                    distributed.combine_error(meter)
-                    errors.append(meter.value())
-            if checkpoint is not None:
-                checkpoint.save(i, block, acts if i + 1 < len(blocks) else None, alloc, counts, errors)
-            _offload(streamer, block, i)
-        streamer.finish()
-        if disk is not None:
-            streamer.writer.finish()
-    if not counts:  # a rank other than 0: it pruned nothing itself
-        return
-    pruned = torch.stack([c.reshape(()).to("cpu", torch.float64) for _, c, _, _ in counts]).tolist()
-    report.layers = [{"name": name, "sparsity": p / numel, **(info or {})}
-                     for (name, _, numel, info), p in zip(counts, pruned)]
-    report.sparsity = sum(pruned) / sum(numel for _, _, numel, _ in counts)
-    report.block_error = [{"block": i, "rel_mse": e} for i, e in enumerate(torch.stack(errors).tolist())] if errors else []
+                    _nm_targets(self.alloc, ctx)
+        prepare_biases(model, adapter, self.scorer)
+        if self.start:  # resume: the finished blocks, the next block's inputs, the allocation
+            self.alloc, self.counts, self.errors = self.checkpoint.restore(self.blocks, self.acts, Allocation)
+            if self.log is not None:
+                self.log(f"resuming at block {self.start} of {len(self.blocks)} from {self.checkpoint.folder}")
+        self.report.allocation, self.report.allocation_info = self.alloc.blocks, self.alloc.info
+        if self.disk is not None:  # the output's layout is final now (biases included): plan its shards
+            self.streamer.writer = self.disk.open_writer(model, adapter)
+        if config.record_error and self.acts is not None:
+            self.dense = self.acts.clone()
+
+    def prune_block(self, i: int, block: nn.Module) -> None:
+        """Statistics pass, masks (once, on rank 0), pruned pass making the next block's inputs."""
+        adapter, scorer, last = self.adapter, self.scorer, i + 1 == len(self.blocks)
+        _onload(self.streamer, block, i, self.compute.device)
+        linears = adapter.block_linears(block)
+        stats = {}
+        if scorer.needs_stats:
+            with self.phases("statistics pass"), collect_stats(
+                    linears, None if self.dense is not None else adapter.linears[-1],
+                    centred=lambda n: scorer.centred(n in adapter.norm_fed),
+                    gram=lambda n: scorer.gram(n in adapter.norm_fed)) as stats:
+                run_block(block, self.acts, self.stats_compute, outputs=self.dense)
+            distributed.combine_stats(stats)
+        rank0 = distributed.world()[0] == 0
+        flags = []
+        with self.phases("masks"):
+            for name, module in (linears if rank0 else {}).items():
+                nm = self.alloc.nm[i][name] if self.alloc.nm is not None else None
+                full = f"{adapter.blocks_path}.{i}.{name}"
+                count, flag, info = prune_linear(module, adapter, scorer, stats.get(name), name in adapter.norm_fed,
+                                                 self.alloc.sparsity[i][name], nm, full)
+                self.counts.append((full, count, module.weight.numel(), info))
+                flags.append(flag)
+                if info and self.log is not None:
+                    self.log(f"{full}: {info}")
+        failure = None
+        if rank0:
+            try:
+                _check_block(i, list(linears), flags)
+            except PrunekitError as exc:
+                failure = exc
+        if distributed.broadcast_flag(failure is not None):
+            raise failure or PrunekitError(f"rank 0 stopped at block {i} (NaN/inf): see its output")
+        distributed.broadcast_block(block)  # every rank holds rank 0's pruned block
+        if self.acts is not None and (not last or self.dense is not None):
+            meter = ErrorMeter(self.compute.device) if self.dense is not None else None
+            with self.phases("pruned pass"):
+                run_block(block, self.acts, self.compute, outputs=None if last else self.acts,
+                          error=meter, dense=self.dense)
+            if meter is not None:
+                distributed.combine_error(meter)
+                self.errors.append(meter.value())
+        if self.checkpoint is not None:
+            self.checkpoint.save(i, block, None if last else self.acts, self.alloc, self.counts, self.errors)
+        _offload(self.streamer, block, i)
+
+    def summarise(self) -> None:
+        """The report's numbers, read from the device once."""
+        if not self.counts:  # a rank other than 0: it pruned nothing itself
+            return
+        pruned = torch.stack([c.reshape(()).to("cpu", torch.float64) for _, c, _, _ in self.counts]).tolist()
+        self.report.layers = [{"name": name, "sparsity": p / numel, **(info or {})}
+                              for (name, _, numel, info), p in zip(self.counts, pruned)]
+        self.report.sparsity = sum(pruned) / sum(numel for _, _, numel, _ in self.counts)
+        if self.errors:
+            self.report.block_error = [{"block": i, "rel_mse": e}
+                                       for i, e in enumerate(torch.stack(self.errors).tolist())]
 
 
 def unsavable_biases(model: nn.Module, adapter: Adapter, config: PruneConfig) -> list[str]:
