@@ -6,6 +6,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from safetensors import SafetensorError
+
 from .adapters import Adapter, adapter_for
 from .errors import PrunekitError
 
@@ -55,7 +57,7 @@ def _from_pretrained(loader, source: ModelSource, **kwargs):
         kwargs["gguf_file"] = source.gguf_file
     try:
         return loader.from_pretrained(source.path, **kwargs)
-    except Exception as exc:  # OSError, ValueError, SafetensorError, gguf's readers' errors: the file, not us
+    except (OSError, ValueError, KeyError, EOFError, SafetensorError) as exc:  # the files, not us
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "safetensor" in type(exc).__name__.lower() or "safetensor" in first.lower():
             raise PrunekitError(f"{source.spec}: a safetensors file is truncated or corrupt ({first[:160]}): "

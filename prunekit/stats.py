@@ -35,9 +35,10 @@ class ChannelStats:
         else:
             sq_b = (flat.square() if flat.dtype == torch.float32 else flat.float().square_()).sum(dim=0)
             self.sum_sq = sq_b if self.sum_sq is None else self.sum_sq + sq_b
-        if self.gram:
+        if self.gram:  # float32 even inside a bf16 pass: autocast would lower this matmul
             f32 = flat if flat.dtype == torch.float32 else flat.float()
-            self.xtx = f32.T @ f32 if self.xtx is None else self.xtx.addmm_(f32.T, f32)
+            with torch.autocast(f32.device.type, enabled=False):
+                self.xtx = f32.T @ f32 if self.xtx is None else self.xtx.addmm_(f32.T, f32)
         self.ntokens += flat.shape[0]
         self.nseq += nseq
 

@@ -125,3 +125,14 @@ def test_disk_from_gguf_equals_in_memory(corpus_file, tmp_path, monkeypatch):
     _same_checkpoints(str(tmp_path / "mem"), str(tmp_path / "disk"))
     cached = os.listdir(tmp_path / "cache" / "gguf")
     assert len(cached) == 1 and os.path.exists(tmp_path / "cache" / "gguf" / cached[0] / "model.safetensors")
+
+
+def test_eval_offload_disk_streams_the_same_perplexity(sharded, corpus_file, tmp_path, capsys):
+    from prunekit.cli import main
+    args = ["eval", "--model", sharded, "--eval", corpus_file, "--seqlen", "128", "--eval-windows", "4",
+            "--device", "cpu"]
+    assert main(args + ["--json", str(tmp_path / "mem.json")]) == 0
+    assert main(args + ["--offload", "disk", "--json", str(tmp_path / "disk.json")]) == 0
+    import json
+    mem, disk = (json.loads((tmp_path / f"{k}.json").read_text())["ppl"] for k in ("mem", "disk"))
+    assert disk == pytest.approx(mem, rel=1e-5)

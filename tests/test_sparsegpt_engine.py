@@ -52,3 +52,18 @@ def test_sparsegpt_hessian_failure_names_the_layer(samples, monkeypatch):
     monkeypatch.setattr(sparsegpt, "sparsegpt_hessian", lambda gram, nseq: torch.full_like(gram, float("nan")))
     with pytest.raises(PrunekitError, match=r"model.layers.0.self_attn.q_proj: NaN/inf in the SparseGPT Hessian"):
         prune(tiny_model("llama"), PruneConfig(method="sparsegpt", nsamples=8, seqlen=32, device="cpu"), samples)
+
+
+def test_hessian_stays_float32_in_bf16_passes(samples):
+    """autocast lowers matmuls inside a bf16 pass; X^T X must still accumulate in float32 over batches."""
+    from prunekit.execution import Compute, capture_block_inputs, collect_stats, run_block
+    model = tiny_model("llama")
+    adapter = adapter_for("llama")
+    low = Compute(torch.device("cpu"), torch.bfloat16)
+    inputs = capture_block_inputs(model, adapter, samples, 3, low)  # three batches
+    block = adapter.blocks(model)[0]
+    with collect_stats(adapter.block_linears(block), gram=lambda n: True, centred=lambda n: False) as stats:
+        run_block(block, inputs, low)
+    xtx = stats["self_attn.q_proj"].xtx
+    assert xtx.dtype == torch.float32
+    assert torch.allclose(xtx.diagonal(), stats["self_attn.q_proj"].sum_sq, rtol=1e-4)

@@ -55,15 +55,18 @@ class Activations:
         def fetch(sl):
             side.wait_stream(main)
             with torch.cuda.stream(side):
-                return self.hidden[sl].to(device, non_blocking=True)
+                batch = self.hidden[sl].to(device, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(side)
+            return batch, done
 
         slices = self.slices
         ahead = fetch(slices[0])
         for k, sl in enumerate(slices):
-            current = ahead
+            current, done = ahead
             if k + 1 < len(slices):
                 ahead = fetch(slices[k + 1])
-            main.wait_stream(side)
+            main.wait_event(done)  # this batch only: the next one's copy overlaps this compute
             current.record_stream(main)
             yield sl, current
 
