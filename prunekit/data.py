@@ -61,7 +61,7 @@ def _read_file(path: str, encoding: str = "utf-8") -> str:
     if bad > MAX_UNDECODABLE * max(len(text), 1):
         raise PrunekitError(f"{path} is not {encoding} text ({bad} undecodable bytes of {len(raw)}): "
                             f"pass a text file, or its encoding with --encoding")
-    return text
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text mode reads
 
 
 def _from_hub(name: str, split: str) -> str:

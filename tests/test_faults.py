@@ -80,3 +80,11 @@ def test_deterministic(method, samples):
     prune(b, config, samples)
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(pa, pb), name
+
+
+def test_text_reads_with_universal_newlines(tmp_path):
+    """wiki.test.raw has CRLF line ends: they read as \\n, as Python's text mode (and the reference) reads them."""
+    from prunekit.data import load_text
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(b"one\r\ntwo\rthree\n")
+    assert load_text(str(path)) == "one\ntwo\nthree\n"
