@@ -83,6 +83,11 @@ def load(spec: str):
     config = load_config(source)
     adapter: Adapter = adapter_for(config.model_type)
     tokenizer = _from_pretrained(AutoTokenizer, source)
+    if os.path.isfile(os.path.join(source.path, "model.bitmask.safetensors")):  # prunekit's bitmask format
+        from .export import load_pruned
+        model = load_pruned(source.path)
+        model.config.use_cache = False
+        return model, tokenizer, adapter, source
     # safetensors only (no pickle), and never remote code
     safe = {} if source.is_gguf else {"use_safetensors": True}
     model = _from_pretrained(AutoModelForCausalLM, source, dtype="auto" if not source.is_gguf else None,

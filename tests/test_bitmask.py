@@ -41,3 +41,20 @@ def test_bitmask_folder_loads_to_the_identical_model(pattern, tmp_path, corpus_f
     size = lambda d: sum(os.path.getsize(tmp_path / d / f) for f in os.listdir(tmp_path / d) if "safetensors" in f)
     block_share = 1 - 2 * 256 * 64 / sum(p.numel() for p in dense.parameters())  # embeddings and head stay dense
     assert size("bits") < size("dense") * (1 - 0.4 * block_share)
+
+
+def test_eval_reads_the_bitmask_format(tmp_path, corpus_file, capsys):
+    from conftest import byte_tokenizer, tiny_model
+    from prunekit.cli import main
+    src = tmp_path / "src"
+    tiny_model("llama").save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    common = ["--calib", corpus_file, "--nsamples", "4", "--seqlen", "64", "--device", "cpu", "--no-checkpoint"]
+    assert main(["prune", "--model", str(src), *common, "--out", str(tmp_path / "d")]) == 0
+    assert main(["prune", "--model", str(src), *common, "--out", str(tmp_path / "b"), "--save-format", "bitmask"]) == 0
+    ppl = []
+    for d in ("d", "b"):
+        assert main(["eval", "--model", str(tmp_path / d), "--eval", corpus_file, "--seqlen", "64", "--eval-windows",
+                     "2", "--device", "cpu", "--json", str(tmp_path / f"{d}.json")]) == 0
+        ppl.append(json.loads((tmp_path / f"{d}.json").read_text())["ppl"])
+    assert ppl[0] == ppl[1]
