@@ -60,16 +60,14 @@ class CheckpointReader:
         else:
             raise PrunekitError(f"{folder} has no model.safetensors or model.safetensors.index.json: "
                                 f"--offload disk reads safetensors checkpoints (save the model with safetensors)")
-        self._handles: dict[str, object] = {}
-
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
     def get(self, name: str) -> torch.Tensor:
-        path = self.files[name]
-        if path not in self._handles:
-            self._handles[path] = self._open(path, "pt")
-        return self._handles[path].get_tensor(name)
+        """A copy of one tensor. The file is opened (memory-mapped) for this read only: a handle kept
+        open would keep every page read so far resident, and memory would grow with depth."""
+        with self._open(self.files[name], "pt") as f:
+            return f.get_tensor(name)
 
     def key(self) -> str:
         """Names this checkpoint's contents cheaply: its files' paths, sizes and modification times."""
