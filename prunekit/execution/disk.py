@@ -264,6 +264,7 @@ class DiskBlocks:
 
     def release(self, i: int) -> None:
         self.blocks[i].to("meta")
+        _trim_heap()
 
     def finish(self) -> None:
         pass
@@ -274,6 +275,24 @@ class DiskBlocks:
             for name, module in self.adapter.block_linears(block).items():
                 w = self.reader.get(f"{self.prefix(i)}{name}.weight")
                 yield f"{self.prefix(i)}{name}", (w.t() if self.adapter.transposed else w)
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc). A block's tensors are tens of MB; once freed,
+    glibc keeps such chunks in its heap (its mmap threshold grows after large frees), and without
+    this the resident set would grow block after block although nothing is held."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def scratch_tensor(shape: tuple, dtype: torch.dtype, folder: str) -> tuple[torch.Tensor, str]:
