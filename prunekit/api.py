@@ -85,8 +85,11 @@ class Workspace:
             self._cache[key] = make()
         return self._cache[key]
 
+    def token_ids(self, calib: str) -> torch.Tensor:
+        return self._cached(("ids", calib), lambda: tokenize(self.tokenizer, load_text(calib, "calib", self.encoding)))
+
     def samples(self, calib: str, config: PruneConfig) -> torch.Tensor:
-        ids = self._cached(("ids", calib), lambda: tokenize(self.tokenizer, load_text(calib, "calib", self.encoding)))
+        ids = self.token_ids(calib)
         return self._cached(("samples", calib, config.nsamples, config.seqlen, config.seed),
                             lambda: calibration_samples(ids, config.nsamples, config.seqlen, config.seed))
 
@@ -163,13 +166,14 @@ class Workspace:
                                 f"or prune without --out")
         eval = corpora(eval)
         seqlen = eval_seqlen or config.seqlen
-        self.check_context(config, config.seqlen if (scorer.needs_stats or needs_data(config.allocation)) else 0,
-                           seqlen if eval else 0)
-        for corpus in eval:  # a missing corpus fails before the prune, not after it
-            self.windows(corpus, seqlen, eval_windows_max)
         needs = scorer.needs_stats or needs_data(config.allocation)
         if needs and not calib:
             raise PrunekitError(f"method {config.method} needs calibration data: pass --calib")
+        if needs:  # a missing or unreadable corpus fails before anything runs
+            self.token_ids(calib)
+        for corpus in eval:
+            self.windows(corpus, seqlen, eval_windows_max)
+        self.check_context(config, config.seqlen if needs else 0, seqlen if eval else 0)
         reuse = needs and not in_place and not self.disk  # a sweep: capture block-0 inputs once
         inputs = self.inputs(calib, config) if reuse else None
         samples = self.samples(calib, config) if needs and not reuse else None
