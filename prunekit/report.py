@@ -105,18 +105,28 @@ def ppl_tables(records: list[dict], labels: list[str]) -> list[str]:
     return lines
 
 
+def _scores(accs: dict) -> dict:
+    """Task -> accuracy, and the mean; other entries (lm-eval's per-task details) are left out."""
+    return {t: v for t, v in accs.items() if isinstance(v, (int, float))}
+
+
 def zeroshot_table(records: list[dict], labels: list[str]) -> list[str]:
     scored = [(r, label) for r, label in zip(records, labels) if isinstance(r.get("zeroshot"), dict)]
     if not scored:
         return []
-    tasks = list(dict.fromkeys(t for r, _ in scored for t in r["zeroshot"] if t != "mean")) + ["mean"]
-    percent = all(v <= 1 for r, _ in scored for v in r["zeroshot"].values() if v is not None)
+    tasks = list(dict.fromkeys(t for r, _ in scored for t in _scores(r["zeroshot"]) if t != "mean")) + ["mean"]
+    percent = all(v <= 1 for r, _ in scored for v in _scores(r["zeroshot"]).values())
     scale = 100 if percent else 1
+
+    def cells(accs):
+        accs = _scores(accs)
+        return [_number(accs[t] * scale if accs.get(t) is not None else None) for t in tasks]
     rows = []
+    dense = next((r for r, _ in scored if isinstance(r.get("zeroshot_dense"), dict)), None)
+    if dense is not None:  # the dense model's accuracy, once, as the papers' first row
+        rows.append(["dense", "0"] + cells(dense["zeroshot_dense"]))
     for r, label in sorted(scored, key=lambda x: column(x[0])):
-        accs = r["zeroshot"]
-        rows.append([label, column_label(column(r))] +
-                    [_number(accs[t] * scale if accs.get(t) is not None else None) for t in tasks])
+        rows.append([label, column_label(column(r))] + cells(r["zeroshot"]))
     unit = "accuracy, %" if percent else "accuracy"
     return [f"### Zero-shot ({unit})", ""] + _table(["method", "sparsity"] + tasks, rows) + [""]
 
