@@ -230,9 +230,8 @@ def output_layout(model: nn.Module, adapter) -> list[tuple[str, tuple, torch.dty
 
 class DiskBlocks:
     """Block weights from the checkpoint: onload(i) reads block i (to the compute device), offload(i)
-    writes it to the output and returns it to meta, release(i) returns it to meta unwritten."""
-
-    active = True
+    writes it to the output and returns it to meta, release(i) returns it to meta unwritten, and
+    finish() completes the output's shards."""
 
     def __init__(self, model: nn.Module, adapter, reader: CheckpointReader, device: torch.device,
                  writer: ShardWriter | None = None):  # the loop sets the writer once the layout is final
@@ -252,9 +251,6 @@ class DiskBlocks:
                 tensor = torch.zeros(p.shape, dtype=p.dtype)
             _set(block, name, tensor.to(self.device))
 
-    def prefetch(self, i: int) -> None:
-        pass
-
     def offload(self, i: int) -> None:
         if self.writer is not None:
             prefix = self.prefix(i)
@@ -267,7 +263,8 @@ class DiskBlocks:
         _trim_heap()
 
     def finish(self) -> None:
-        pass
+        if self.writer is not None:
+            self.writer.finish()
 
     def named_weights(self):
         """(full name, weight as out x in) of every prunable linear, one at a time from disk."""

@@ -70,7 +70,7 @@ class AllocationContext:
     config: PruneConfig
     compute: Compute
     inputs: Activations | None
-    streamer: BlockStreamer | None = None
+    streamer: BlockStreamer | DiskBlocks
 
     @property
     def num_blocks(self) -> int:
@@ -87,12 +87,12 @@ class AllocationContext:
         current = self.inputs.clone()
         compute = Compute.for_stats(self.config)
         for i, block in enumerate(tqdm(self.adapter.blocks(self.model), desc=desc, leave=False)):
-            _onload(self.streamer, block, i, compute.device)
+            self.streamer.onload(i)
             with collect_stats(self.adapter.block_linears(block), centred=lambda name: False) as stats:
                 run_block(block, current, compute, outputs=current)
             distributed.combine_stats(stats)
             yield i, block, stats
-            _offload(self.streamer, block, i, pruned=False)
+            self.streamer.release(i)
         del current
 
     def lazy_weights(self):
@@ -101,21 +101,6 @@ class AllocationContext:
         if not hasattr(self.streamer, "named_weights"):
             return None
         return self.streamer.named_weights, self.streamer.reader.key()
-
-
-def _onload(streamer: BlockStreamer | None, block: nn.Module, i: int, device: torch.device) -> None:
-    if streamer is not None and streamer.active:
-        streamer.onload(i)
-        streamer.prefetch(i + 1)
-    else:
-        block.to(device)
-
-
-def _offload(streamer, block: nn.Module, i: int, pruned: bool = True) -> None:
-    """After a block: a pruned one goes back to its home (written out, under disk offload); a block
-    only read (a dense allocation pass) is released."""
-    if streamer is not None and streamer.active:
-        (streamer.offload if pruned else getattr(streamer, "release", streamer.offload))(i)
 
 
 def _nm_targets(allocation: Allocation, ctx: AllocationContext) -> None:
@@ -287,8 +272,6 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
                 if i >= run.start:
                     run.prune_block(i, block)
             run.streamer.finish()
-            if disk is not None:
-                run.streamer.writer.finish()
     finally:
         if run.scratch is not None:
             run.scratch.cleanup()
@@ -347,7 +330,7 @@ class BlockLoop:
     def prune_block(self, i: int, block: nn.Module) -> None:
         """Statistics pass, masks (once, on rank 0), pruned pass making the next block's inputs."""
         adapter, scorer, last = self.adapter, self.scorer, i + 1 == len(self.blocks)
-        _onload(self.streamer, block, i, self.compute.device)
+        self.streamer.onload(i)
         linears = adapter.block_linears(block)
         stats = {}
         if scorer.needs_stats:
@@ -388,7 +371,7 @@ class BlockLoop:
                 self.errors.append(meter.value())
         if self.checkpoint is not None:
             self.checkpoint.save(i, block, None if last else self.acts, self.alloc, self.counts, self.errors)
-        _offload(self.streamer, block, i)
+        self.streamer.offload(i)  # written out, under disk offload
 
     def summarise(self) -> None:
         """The report's numbers, read from the device once."""

@@ -17,9 +17,10 @@ def _tensors(module: nn.Module):
 
 
 class BlockStreamer:
-    """onload(i) before block i computes, prefetch(i + 1) right after it, offload(i) when block i is
-    done (its pruned weights and any new biases go back to pinned host memory, asynchronously).
-    `finish()` waits for the last copies: the host weights are final after it."""
+    """onload(i) before block i computes (and block i + 1 starts its copy), offload(i) when block i
+    is done (its pruned weights and any new biases go back to pinned host memory, asynchronously),
+    release(i) for a block that was only read. `finish()` waits for the last copies: the host weights
+    are final after it. Inactive (everything stays put) unless the plan streams weights to a GPU."""
 
     def __init__(self, blocks: nn.ModuleList, device: torch.device, plan: Plan):
         self.blocks, self.device = blocks, device
@@ -54,6 +55,7 @@ class BlockStreamer:
             dev.record_stream(main)
             self.host[id(t)] = host
             t.data = dev
+        self.prefetch(i + 1)  # its copy overlaps block i's compute
 
     def offload(self, i: int) -> None:
         if not self.active:
@@ -65,6 +67,11 @@ class BlockStreamer:
                 host = torch.empty(dev.shape, dtype=dev.dtype, pin_memory=True)
             host.copy_(dev, non_blocking=True)
             t.data = host
+
+    def release(self, i: int) -> None:
+        """A block only read (a dense allocation pass) goes back the same way: the host copies
+        are its weights."""
+        self.offload(i)
 
     def finish(self) -> None:
         if self.active:
