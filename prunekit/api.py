@@ -77,6 +77,7 @@ class Workspace:
             self.model, self.tokenizer, self.adapter, self.reader = load_skeleton(self.folder)
         else:
             self.model, self.tokenizer, self.adapter, self.source = load(model)
+            self.reader = None  # the blocks are in memory
         self.load_seconds = time.perf_counter() - t0
         self._cache: dict = {}
 
@@ -147,9 +148,8 @@ class Workspace:
 
     def dense(self, config, eval, seqlen, max_windows, tasks, limit) -> dict:
         key = ("dense", tuple(eval), seqlen, max_windows, tuple(tasks or ()), limit, config.dtype, config.device)
-        reader = self.reader if self.disk else None
         return self._cached(key, lambda: self.evaluate(self.model, config, eval, seqlen, max_windows, tasks, limit,
-                                                       "dense", reader))
+                                                       "dense", self.reader))
 
     def run(self, config: PruneConfig, calib: str | None = "wikitext2", eval=None, eval_seqlen: int | None = None,
             eval_windows_max: int | None = None, eval_dense: bool = False, out: str | None = None,
@@ -184,8 +184,8 @@ class Workspace:
             dense = self.dense(config, eval, seqlen, eval_windows_max, tasks, limit)
             record.update({f"{k}_dense": v for k, v in dense.items() if k in ("ppl", "zeroshot")})
         if self.disk:
-            return self._run_disk(config, samples, inputs, record, eval, seqlen, eval_windows_max, out, overwrite,
-                                  tasks, limit, log), None
+            return self._run_disk(config, samples, record, eval, seqlen, eval_windows_max, out, overwrite,
+                                  tasks, limit, in_place, log), None
         net = self.model if in_place else copy.deepcopy(self.model)
         checkpoint = _checkpointer(config, out)
         report = prune(net, config, samples, self.adapter, inputs=inputs, log=log, checkpoint=checkpoint)
@@ -201,10 +201,11 @@ class Workspace:
             checkpoint.clear()  # the result is saved: nothing left to resume
         return record, net
 
-    def _run_disk(self, config, samples, inputs, record, eval, seqlen, max_windows, out, overwrite, tasks, limit,
-                  log) -> dict:
+    def _run_disk(self, config, samples, record, eval, seqlen, max_windows, out, overwrite, tasks, limit,
+                  in_place, log) -> dict:
         """Blocks read from the checkpoint and written into the output as they finish; the output is
-        evaluated by streaming its blocks back. Each run starts from a fresh skeleton."""
+        evaluated by streaming its blocks back. A prune edits its skeleton (biases, config flags), so
+        each run of a sweep starts from a fresh one; a single run uses the one already loaded."""
         import os
         from .execution.disk import DiskRun, load_skeleton, parse_size
         if not out:
@@ -213,7 +214,10 @@ class Workspace:
             raise PrunekitError("--offload disk writes the dense format: drop --save-format bitmask, or prune in memory")
         if config.resume:
             raise PrunekitError("--resume is not available with --offload disk yet: rerun without --resume")
-        model, tokenizer, adapter, reader = load_skeleton(self.folder)
+        if in_place:
+            model, tokenizer, adapter, reader = self.model, self.tokenizer, self.adapter, self.reader
+        else:
+            model, tokenizer, adapter, reader = load_skeleton(self.folder)
         with atomic_folder(out, overwrite) as tmp:
             run = DiskRun(reader, tmp, parse_size(config.max_shard_size),
                           config.scratch_dir or os.path.dirname(os.path.abspath(out)))
@@ -282,6 +286,5 @@ def evaluate_model(model: str, eval=None, seqlen: int = 2048, max_windows: int |
     config = PruneConfig(device=device, dtype=dtype, allow_long_context=allow_long_context)
     if eval:
         ws.check_context(config, 0, seqlen)
-    result = ws.evaluate(ws.model, config, corpora(eval), seqlen, max_windows, tasks, limit, "model",
-                         ws.reader if ws.disk else None)
+    result = ws.evaluate(ws.model, config, corpora(eval), seqlen, max_windows, tasks, limit, "model", ws.reader)
     return {"model": model, "eval": eval, **result, "versions": versions()}
