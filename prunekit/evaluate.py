@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .execution.precision import Compute, synchronize
+from .execution.precision import Compute
 from .errors import PrunekitError
 
 
@@ -32,10 +32,15 @@ def perplexity(model, windows: torch.Tensor, compute: Compute, batch_size: int |
             batch = batch.to(compute.device)
             logits = model(input_ids=batch, use_cache=False).logits
             nlls.append(window_nll(logits, batch))
-    mean_nll = torch.cat(nlls).mean().item()
-    synchronize(compute.device)
-    seconds = time.perf_counter() - start
+    result = _result(nlls, windows, start)
     model.to(home)
+    return result
+
+
+def _result(nlls: list[torch.Tensor], windows: torch.Tensor, start: float) -> dict:
+    """exp of the mean per-window NLL (reading it is the one host sync), tokens/s since `start`."""
+    mean_nll = torch.cat(nlls).mean().item()
+    seconds = time.perf_counter() - start
     if not math.isfinite(mean_nll):
         raise PrunekitError("perplexity is NaN/inf: the model's outputs overflow; try --dtype float32")
     return {"ppl": math.exp(mean_nll), "eval_tokens_per_second": windows.numel() / seconds,
@@ -62,22 +67,18 @@ def streamed_perplexity(model, adapter, reader, windows: torch.Tensor, compute: 
     head += [m for path in adapter.head_extra if (m := _maybe(model, path)) is not None]
     head.append(model.get_output_embeddings())
     home = next(model.parameters()).device
-    model_shell = [m.to(compute.device) for m in head]
+    for m in head:
+        m.to(compute.device)
     nlls = []
     with compute.run(model, exclude=adapter.blocks(model)):
         for sl, h in acts.batches(compute.device):
             x = compute.hidden(h)
-            for m in model_shell:
+            for m in head:
                 x = m(x)
             nlls.append(window_nll(x, windows[sl].to(compute.device)))
     for m in head:
         m.to(home)
-    mean_nll = torch.cat(nlls).mean().item()
-    seconds = time.perf_counter() - start
-    if not math.isfinite(mean_nll):
-        raise PrunekitError("perplexity is NaN/inf: the model's outputs overflow; try --dtype float32")
-    return {"ppl": math.exp(mean_nll), "eval_tokens_per_second": windows.numel() / seconds,
-            "eval_windows": windows.shape[0], "eval_seqlen": windows.shape[1]}
+    return _result(nlls, windows, start)
 
 
 def _maybe(model, path: str):
