@@ -13,6 +13,15 @@ from dataclasses import dataclass, field
 import torch
 
 
+def chan_merge(n_a: int, mean_a: torch.Tensor, m2_a: torch.Tensor, n_b: int, mean_b: torch.Tensor,
+               m2_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chan et al.'s merge of two sets' means and sums of squared deviations (M2):
+    mean = mean_a + d n_b / n,  M2 = M2_a + M2_b + d^2 n_a n_b / n,  d = mean_b - mean_a, n = n_a + n_b."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return mean_a + delta * (n_b / n), m2_a + m2_b + delta * delta * (n_a * n_b / n)
+
+
 @dataclass
 class ChannelStats:
     columns: int
@@ -52,11 +61,7 @@ class ChannelStats:
         if self.mean is None:
             self.mean, self.m2, self.sum_sq = mean_b, m2_b, sq_b
         else:
-            n_a = self.ntokens
-            n = n_a + n_b
-            delta = mean_b - self.mean
-            self.mean = self.mean + delta * (n_b / n)
-            self.m2 = self.m2 + m2_b + delta * delta * (n_a * n_b / n)
+            self.mean, self.m2 = chan_merge(self.ntokens, self.mean, self.m2, n_b, mean_b, m2_b)
             self.sum_sq = self.sum_sq + sq_b
 
     @property

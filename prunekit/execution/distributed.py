@@ -13,6 +13,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..stats import chan_merge
+
 
 def init_from_env(device: str = "auto") -> None:
     """Join the process group torchrun describes (WORLD_SIZE > 1); a no-op otherwise."""
@@ -42,25 +44,18 @@ def combine_stats(stats: dict) -> None:
     for st in {id(s): s for s in stats.values()}.values():
         device = st.sum_sq.device
         counts = torch.tensor([st.nseq, st.ntokens], dtype=torch.int64, device=device)
-        if st.centred:
-            parts = [torch.empty_like(t) for t in (st.mean, st.m2) for _ in range(world()[1])]
+        if st.centred:  # gather every rank's (count, mean, M2), merge them in rank order
             size = world()[1]
-            means, m2s = parts[:size], parts[size:]
             all_counts = [torch.empty_like(counts) for _ in range(size)]
+            means = [torch.empty_like(st.mean) for _ in range(size)]
+            m2s = [torch.empty_like(st.m2) for _ in range(size)]
             dist.all_gather(all_counts, counts)
             dist.all_gather(means, st.mean.contiguous())
             dist.all_gather(m2s, st.m2.contiguous())
-            n, mean, m2 = 0, None, None
-            for c, mu, m in zip(all_counts, means, m2s):  # Chan's merge, rank order
-                nb = int(c[1])
-                if mean is None:
-                    n, mean, m2 = nb, mu.clone(), m.clone()
-                    continue
-                delta = mu - mean
-                total = n + nb
-                mean = mean + delta * (nb / total)
-                m2 = m2 + m + delta * delta * (n * nb / total)
-                n = total
+            n, mean, m2 = int(all_counts[0][1]), means[0], m2s[0]
+            for c, mu, m in zip(all_counts[1:], means[1:], m2s[1:]):
+                mean, m2 = chan_merge(n, mean, m2, int(c[1]), mu, m)
+                n += int(c[1])
             st.mean, st.m2 = mean, m2
         dist.all_reduce(counts)
         st.nseq, st.ntokens = int(counts[0]), int(counts[1])
