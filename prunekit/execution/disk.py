@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -70,40 +69,38 @@ class CheckpointReader:
             return f.get_tensor(name)
 
     def key(self) -> str:
-        """Names this checkpoint's contents cheaply: its files' paths, sizes and modification times."""
-        h = hashlib.blake2b(digest_size=16)
-        for path in sorted(set(self.files.values())):
-            st = os.stat(path)
-            h.update(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
-        return h.hexdigest()
+        """Names this checkpoint's contents cheaply (see files_key)."""
+        return files_key(self.files.values())
 
     def nbytes(self) -> int:
         return sum(os.path.getsize(p) for p in set(self.files.values()))
 
 
+def files_key(paths) -> str:
+    """A cheap name for files' contents: their paths, sizes and modification times (blake2b)."""
+    h = hashlib.blake2b(digest_size=16)
+    for path in sorted(set(paths)):
+        st = os.stat(path)
+        h.update(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
 def gguf_cache(source, cache_root: str | None = None) -> str:
     """A safetensors copy of a GGUF model, made once (dequantized to float32 by transformers) and
     reused: keyed by the GGUF file's path, size and modification time."""
+    from ..export import atomic_folder
+    from ..loading import load
     path = os.path.join(source.path, source.gguf_file)
-    st = os.stat(path)
-    key = hashlib.blake2b(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode(), digest_size=8).hexdigest()
     if cache_root is None:
         from ..allocation.alpha import cache_dir
         cache_root = os.path.join(cache_dir(), "gguf")
-    folder = os.path.join(cache_root, f"{os.path.splitext(source.gguf_file)[0]}-{key}")
+    folder = os.path.join(cache_root, f"{os.path.splitext(source.gguf_file)[0]}-{files_key([path])[:16]}")
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
-    from ..loading import load
     model, tokenizer, _, _ = load(source.spec)
-    os.makedirs(cache_root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".gguf-", dir=cache_root)
-    try:
+    with atomic_folder(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
