@@ -36,13 +36,15 @@ def _same_checkpoints(a: str, b: str) -> None:
         assert torch.equal(sa[k], sb[k]), k
 
 
-@pytest.mark.parametrize("method,allocation", [("wanda", "uniform"), ("stade", "uniform"), ("wanda", "alpha"),
-                                               ("sparsegpt", "uniform")])
-def test_disk_equals_in_memory(method, allocation, sharded, corpus_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method,allocation,pattern", [
+    ("wanda", "uniform", "unstructured"), ("stade", "uniform", "unstructured"), ("wanda", "alpha", "unstructured"),
+    ("sparsegpt", "uniform", "unstructured"), ("magnitude", "owl", "2:4")])
+def test_disk_equals_in_memory(method, allocation, pattern, sharded, corpus_file, tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path / "cache"))
-    memory = _run(sharded, corpus_file, tmp_path / "mem", method=method, allocation=allocation)
-    disk = _run(sharded, corpus_file, tmp_path / "disk", method=method, allocation=allocation, offload="disk",
-                max_shard_size="150KB")
+    kw = dict(method=method, allocation=allocation, pattern=pattern,
+              sparsity=0.5 if pattern == "unstructured" else None)
+    memory = _run(sharded, corpus_file, tmp_path / "mem", **kw)
+    disk = _run(sharded, corpus_file, tmp_path / "disk", **kw, offload="disk", max_shard_size="150KB")
     assert disk["placement"]["weights"] == "disk" and disk["placement"]["line"].startswith("placement: weights disk")
     assert disk["layers"] == memory["layers"]
     assert disk["ppl"] == pytest.approx(memory["ppl"], rel=1e-5)  # the streamed evaluation of the written model
