@@ -77,16 +77,45 @@ def floor_seconds(model, adapter, ids, config) -> float:
     return seconds * len(adapter.blocks(model))
 
 
+def compile_trial(model, adapter, ids, config) -> dict:
+    """torch.compile on a block's full pass: the first compiled call (compile included), then the
+    steady compiled pass, beside the eager pass, all over the same batches of block 0. `wins` says
+    whether the time saved over the whole model's passes (two per block) repays the compile."""
+    compute = Compute.from_config(config)
+    inputs = capture_block_inputs(model, adapter, ids, config.effective_batch_size, compute)
+    block = adapter.blocks(model)[0].to(compute.device)
+
+    def timed(module):
+        synchronize(compute.device)
+        t = time.perf_counter()
+        run_block(module, inputs, compute)
+        synchronize(compute.device)
+        return time.perf_counter() - t
+
+    timed(block)
+    eager = timed(block)
+    compiled = torch.compile(block)
+    first = timed(compiled)
+    steady = min(timed(compiled) for _ in range(2))
+    block.to("cpu")
+    blocks = len(adapter.blocks(model))
+    saved = (eager - steady) * 2 * blocks
+    return {"eager_pass_s": eager, "compiled_pass_s": steady, "compile_s": first - steady,
+            "saved_s": saved, "wins": saved > first - steady, "blocks": blocks}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
     ap.add_argument("--layers", type=int, help="cut the depth to N blocks")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--runs", nargs="+", default=RUNS, help="'METHOD [N:M] [ALLOCATION]'")
+    ap.add_argument("--runs", nargs="*", default=RUNS, help="'METHOD [N:M] [ALLOCATION]'")
     ap.add_argument("--offload", nargs="+", default=["auto"], help="plans to time: auto none weights cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--compile-trial", action="store_true", help="time torch.compile on a block pass")
+    ap.add_argument("--no-floor", action="store_true", help="skip the floor measurement")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "gpu.json"))
     args = ap.parse_args(argv)
 
@@ -95,8 +124,15 @@ def main(argv=None):
     adapter = adapter_for("llama")
     base = dict(nsamples=args.nsamples, seqlen=args.seqlen, dtype=args.dtype, batch_size=args.batch_size)
     model = build_model(args.shape, args.layers, torch.bfloat16)
-    floor = floor_seconds(model, adapter, ids, PruneConfig(**base))
-    print(f"{args.shape} x {len(adapter.blocks(model))} blocks: floor {floor:.2f} s", flush=True)
+    info = {**meta(), "shape": args.shape, "blocks": len(adapter.blocks(model)), "nsamples": args.nsamples,
+            "seqlen": args.seqlen, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    floor = None if args.no_floor else floor_seconds(model, adapter, ids, PruneConfig(**base))
+    if floor is not None:
+        print(f"{args.shape} x {len(adapter.blocks(model))} blocks: floor {floor:.2f} s", flush=True)
+    if args.compile_trial:
+        info["compile_trial"] = compile_trial(model, adapter, ids, PruneConfig(**base))
+        print("torch.compile trial:", info["compile_trial"], flush=True)
+        write_results(args.out, [], info)
     rows = []
     for label in args.runs:
         words = label.split()
@@ -112,7 +148,8 @@ def main(argv=None):
             with PeakRSS() as rss:
                 report = prune(model, config, ids, adapter, log=print)
             row = {"run": label, "offload": offload, "plan": report.placement["name"],
-                   "prune_s": report.prune_seconds, "floor_s": floor, "vs_floor": report.prune_seconds / floor,
+                   "prune_s": report.prune_seconds, "floor_s": floor,
+                   "vs_floor": report.prune_seconds / floor if floor else None,
                    "masks_s": report.phases.get("masks", 0.0), "phases": report.phases,
                    "placement": report.placement, "sparsity": report.sparsity,
                    "esd_s": report.allocation_info.get("esd_seconds"),
@@ -120,9 +157,7 @@ def main(argv=None):
                    "peak_rss_gib": rss.peak / 1024}
             rows.append(row)
             print(markdown([row], COLUMNS).splitlines()[-1], flush=True)
-            write_results(args.out, rows, {**meta(), "shape": args.shape, "blocks": len(adapter.blocks(model)),
-                                           "nsamples": args.nsamples, "seqlen": args.seqlen,
-                                           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"})
+            write_results(args.out, rows, info)
     print(markdown(rows, COLUMNS))
     return rows
 
