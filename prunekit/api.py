@@ -212,8 +212,6 @@ class Workspace:
             raise PrunekitError("--offload disk writes each pruned block as it finishes: pass --out DIR")
         if config.save_format != "dense":
             raise PrunekitError("--offload disk writes the dense format: drop --save-format bitmask, or prune in memory")
-        if config.resume:
-            raise PrunekitError("--resume is not available with --offload disk yet: rerun without --resume")
         if in_place:
             model, tokenizer, adapter, reader = self.model, self.tokenizer, self.adapter, self.reader
         else:
@@ -221,7 +219,8 @@ class Workspace:
         with atomic_folder(out, overwrite) as tmp:
             run = DiskRun(reader, tmp, parse_size(config.max_shard_size),
                           config.scratch_dir or os.path.dirname(os.path.abspath(out)))
-            report = prune(model, config, samples, adapter, log=log, disk=run)
+            checkpoint = _checkpointer(config, out)
+            report = prune(model, config, samples, adapter, log=log, disk=run, checkpoint=checkpoint)
             _report_into(record, report)
             model.config.save_pretrained(tmp)
             if getattr(model, "generation_config", None) is not None:
@@ -233,19 +232,27 @@ class Workspace:
                                             pruned_reader))
             record["out"] = os.path.abspath(out)
             write_record(tmp, record)
+        if checkpoint is not None:
+            checkpoint.clear()  # the result is in place: nothing left to resume
         return record
 
 
+def _checkpoint_folder(config: PruneConfig, out: str) -> str:
+    import os
+    return config.checkpoint_dir or os.path.abspath(out).rstrip("/") + ".checkpoint"
+
+
 def _checkpointer(config: PruneConfig, out: str | None):
-    """Checkpoints after each block for runs that save (--out), unless --no-checkpoint."""
-    if not out or not (config.checkpoint or config.resume):
+    """Checkpoints after each block for runs that save (--out; under torchrun, every rank of such a
+    run), unless --no-checkpoint."""
+    from .execution import distributed
+    saves = bool(out) or (distributed.world()[1] > 1 and config.checkpoint_dir)
+    if not saves or not (config.checkpoint or config.resume):
         if config.resume:
             raise PrunekitError("--resume continues a run that saves its result: pass the same --out")
         return None
-    import os
     from .execution.resume import Checkpointer
-    folder = config.checkpoint_dir or os.path.abspath(out).rstrip("/") + ".checkpoint"
-    return Checkpointer(folder, config, config.resume)
+    return Checkpointer(config.checkpoint_dir if not out else _checkpoint_folder(config, out), config, config.resume)
 
 
 def _report_into(record: dict, report) -> None:
@@ -266,9 +273,10 @@ def prune_model(model: str, config: PruneConfig, calib: str | None = "wikitext2"
     distributed.init_from_env(config.device)
     rank, size = distributed.world()
     if size > 1:
-        if config.offload == "disk" or config.resume:
-            raise PrunekitError("distributed runs keep the model in memory: drop --offload disk / --resume")
-        config = PruneConfig.from_dict({**config.to_dict(), "checkpoint": False})
+        if config.offload == "disk":
+            raise PrunekitError("distributed runs keep the model in memory: drop --offload disk")
+        if out:  # every rank checkpoints its shard of the activations in the same folder
+            config = PruneConfig.from_dict({**config.to_dict(), "checkpoint_dir": _checkpoint_folder(config, out)})
         if rank != 0:  # rank 0 evaluates and writes; the others calibrate their shard and follow
             eval, tasks, out, eval_dense = None, None, None, False
     if out:

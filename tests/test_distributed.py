@@ -32,3 +32,48 @@ def test_two_ranks_equal_one_process(method, tiny_dir, corpus_file, tmp_path):
     ra, rb = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
     assert [e["rel_mse"] for e in rb["block_error"]] == pytest.approx([e["rel_mse"] for e in ra["block_error"]],
                                                                        rel=1e-3)
+
+
+def test_two_ranks_resume_after_a_kill(tiny_dir, corpus_file, tmp_path):
+    """Both ranks killed (SIGKILL) after block 0: the same torchrun command with --resume continues
+    from each rank's checkpointed shard and ends with the uninterrupted run's model, bit for bit; one
+    process cannot resume what two made."""
+    model, ckpt = tiny_dir(), tmp_path / "ckpt"
+    args = ["prune", "--model", model, "--method", "sparsegpt", "--calib", corpus_file, "--nsamples", "8",
+            "--seqlen", "64", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    killer = tmp_path / "killer.py"
+    killer.write_text(f"""
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from prunekit.execution import resume
+original = resume.Checkpointer.save
+def save(self, i, *args):
+    original(self, i, *args)
+    os.kill(os.getpid(), signal.SIGKILL)
+resume.Checkpointer.save = save
+from prunekit.cli import main
+sys.exit(main(sys.argv[1:]))
+""")
+
+    def torchrun(*cmd):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                               "--master-port", str(29500 + (os.getpid() + len(cmd)) % 1000), *cmd],
+                              capture_output=True, text=True, env=env)
+
+    out = ["--out", str(tmp_path / "out"), "--checkpoint-dir", str(ckpt)]
+    assert torchrun(str(killer), *args, *out).returncode != 0
+    assert {p.name for p in ckpt.iterdir()} == {"state.json", "block-00000.safetensors",
+                                               "activations-00000-rank0.safetensors",
+                                               "activations-00000-rank1.safetensors"}
+    one = subprocess.run([sys.executable, "-m", "prunekit", *args, *out, "--resume"], capture_output=True,
+                         text=True, env=env)
+    assert one.returncode == 2 and "made by 2 process(es), this run has 1" in one.stderr
+    resumed = torchrun("-m", "prunekit", *args, *out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at block 1 of 2" in resumed.stderr and not ckpt.exists()
+    whole = torchrun("-m", "prunekit", *args, "--out", str(tmp_path / "whole"), "--no-checkpoint")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a, b = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -32,9 +32,21 @@ def _args(model, corpus, out, *extra):
             "--nsamples", "4", "--seqlen", "64", "--device", "cpu", "--out", str(out), *map(str, extra)]
 
 
-def test_killed_run_resumes_bit_for_bit(four_blocks, corpus_file, tmp_path, capsys):
+def _weights(folder):
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, name)))
+    return out
+
+
+@pytest.mark.parametrize("offload", ["auto", "disk"])
+def test_killed_run_resumes_bit_for_bit(four_blocks, corpus_file, tmp_path, capsys, offload):
+    """In memory, and under --offload disk (blocks read from the checkpoint and written to the output
+    as they finish: on resume the finished blocks go from the checkpoint into the new output)."""
     from prunekit.cli import main
     ckpt = tmp_path / "ckpt"
+    extra = ("--offload", offload)
     killer = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {ROOT!r})
@@ -46,7 +58,7 @@ def test_killed_run_resumes_bit_for_bit(four_blocks, corpus_file, tmp_path, caps
                 os.kill(os.getpid(), signal.SIGKILL)
         resume.Checkpointer.save = save
         from prunekit.cli import main
-        main({_args(four_blocks, corpus_file, tmp_path / "out", "--checkpoint-dir", ckpt)!r})
+        main({_args(four_blocks, corpus_file, tmp_path / "out", "--checkpoint-dir", ckpt, *extra)!r})
     """)
     done = subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True)
     assert done.returncode == -9, done.stderr[-2000:]
@@ -54,13 +66,12 @@ def test_killed_run_resumes_bit_for_bit(four_blocks, corpus_file, tmp_path, caps
     # another config refuses to resume, naming the difference
     expect_error(capsys, "it was made with sparsity=0.5", *_args(four_blocks, corpus_file, tmp_path / "out",
                                                                  "--checkpoint-dir", ckpt, "--resume",
-                                                                 "--sparsity", "0.6"))
-    assert main(_args(four_blocks, corpus_file, tmp_path / "out", "--checkpoint-dir", ckpt, "--resume")) == 0
+                                                                 "--sparsity", "0.6", *extra))
+    assert main(_args(four_blocks, corpus_file, tmp_path / "out", "--checkpoint-dir", ckpt, "--resume", *extra)) == 0
     assert "resuming at block 2 of 4" in capsys.readouterr().err
     assert not ckpt.exists()  # cleared once the result is saved
-    assert main(_args(four_blocks, corpus_file, tmp_path / "whole", "--no-checkpoint")) == 0
-    a = load_file(tmp_path / "out" / "model.safetensors")
-    b = load_file(tmp_path / "whole" / "model.safetensors")
+    assert main(_args(four_blocks, corpus_file, tmp_path / "whole", "--no-checkpoint", *extra)) == 0
+    a, b = _weights(tmp_path / "out"), _weights(tmp_path / "whole")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -79,6 +79,11 @@ def broadcast_block(block: torch.nn.Module) -> None:
         dist.broadcast(t.data, 0)
 
 
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+
 def broadcast_flag(flag: bool) -> bool:
     """Rank 0's verdict (e.g. NaN found) to every rank, so all stop together instead of hanging."""
     if world()[1] == 1:

@@ -318,12 +318,15 @@ class BlockLoop:
                     _nm_targets(self.alloc, ctx)
         prepare_biases(model, adapter, self.scorer)
         if self.start:  # resume: the finished blocks, the next block's inputs, the allocation
-            self.alloc, self.counts, self.errors = self.checkpoint.restore(self.blocks, self.acts, Allocation)
+            self.alloc, self.counts, self.errors = self.checkpoint.restore(
+                self.blocks if self.disk is None else None, self.acts, Allocation)
             if self.log is not None:
                 self.log(f"resuming at block {self.start} of {len(self.blocks)} from {self.checkpoint.folder}")
         self.report.allocation, self.report.allocation_info = self.alloc.blocks, self.alloc.info
         if self.disk is not None:  # the output's layout is final now (biases included): plan its shards
             self.streamer.writer = self.disk.open_writer(model, adapter)
+            if self.start:
+                self.checkpoint.write_finished(self.streamer)
         if config.record_error and self.acts is not None:
             self.dense = self.acts.clone()
 
