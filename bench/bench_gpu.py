@@ -34,6 +34,7 @@ SHAPES = {  # hidden, intermediate, heads, kv heads, blocks
 RUNS = ["wanda", "wanda 2:4", "stade", "wanda alpha", "sparsegpt"]
 COLUMNS = [("run", "run", ""), ("offload", "offload", ""), ("plan", "plan", ""), ("prune_s", "prune s", ".2f"),
            ("floor_s", "floor s", ".2f"), ("vs_floor", "vs floor", ".2f"), ("masks_s", "masks s", ".2f"),
+           ("weights_host_s", "weights moved s (host)", ".2f"),
            ("peak_device_gib", "peak GPU GiB", ".2f"), ("peak_rss_gib", "peak RSS GiB", ".2f")]
 
 
@@ -151,6 +152,7 @@ def main(argv=None):
                    "prune_s": report.prune_seconds, "floor_s": floor,
                    "vs_floor": report.prune_seconds / floor if floor else None,
                    "masks_s": report.phases.get("masks", 0.0), "phases": report.phases,
+                   "weights_host_s": sum(v for k, v in report.phases.items() if k.startswith("weights")),
                    "placement": report.placement, "sparsity": report.sparsity,
                    "esd_s": report.allocation_info.get("esd_seconds"),
                    "peak_device_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,

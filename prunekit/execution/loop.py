@@ -53,6 +53,14 @@ class Phases:
             yield
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
 
+    @contextlib.contextmanager
+    def host(self, name: str):
+        """Host wall-clock seconds, on any device: work that blocks the host (moving or pinning
+        weights, reading them from disk) and starves the GPU's queue while it runs."""
+        t = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
     def totals(self) -> dict[str, float]:
         if self.events:
             torch.cuda.synchronize()
@@ -266,7 +274,7 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
     if disk is not None and run.plan.activations == "scratch":
         run.scratch = Scratch(disk.scratch_dir)
     try:
-        with model_on_device(model, run.compute.device, run.plan):
+        with model_on_device(model, run.compute.device, run.plan, run.phases):
             run.prepare(samples, inputs)
             for i, block in enumerate(tqdm(run.blocks, desc=f"pruning ({config.method})")):
                 if i >= run.start:
@@ -333,7 +341,8 @@ class BlockLoop:
     def prune_block(self, i: int, block: nn.Module) -> None:
         """Statistics pass, masks (once, on rank 0), pruned pass making the next block's inputs."""
         adapter, scorer, last = self.adapter, self.scorer, i + 1 == len(self.blocks)
-        self.streamer.onload(i)
+        with self.phases.host("weights in (host)"):
+            self.streamer.onload(i)
         linears = adapter.block_linears(block)
         stats = {}
         if scorer.needs_stats:
@@ -374,7 +383,8 @@ class BlockLoop:
                 self.errors.append(meter.value())
         if self.checkpoint is not None:
             self.checkpoint.save(i, block, None if last else self.acts, self.alloc, self.counts, self.errors)
-        self.streamer.offload(i)  # written out, under disk offload
+        with self.phases.host("weights out (host)"):
+            self.streamer.offload(i)  # written out, under disk offload
 
     def summarise(self) -> None:
         """The report's numbers, read from the device once."""

@@ -79,15 +79,19 @@ class BlockStreamer:
 
 
 @contextlib.contextmanager
-def model_on_device(model: nn.Module, device: torch.device, plan: Plan):
+def model_on_device(model: nn.Module, device: torch.device, plan: Plan, phases=None):
     """Plan `device` on a GPU: the whole model goes up first and comes back to where it was at the
-    end (pruned). Otherwise the model stays where it is."""
+    end (pruned). Otherwise the model stays where it is. `phases` (loop.Phases) times both moves on
+    the host's clock."""
     home = next(model.parameters()).device
     moved = plan.name == "device" and device.type == "cuda" and home != device
+    timer = phases.host if phases is not None else (lambda name: contextlib.nullcontext())
     if moved:
-        model.to(device)
+        with timer("weights in (host)"):
+            model.to(device)
     try:
         yield
     finally:
         if moved:
-            model.to(home)
+            with timer("weights out (host)"):
+                model.to(home)
