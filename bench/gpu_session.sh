@@ -4,8 +4,10 @@
 # bench/results/gpu). Each step has its own time limit, so one slow or failing step does not take
 # the others with it.
 #
-#   bash bench/gpu_session.sh smoke   # every code path on 7B shapes, cut to 1-2 blocks (~1 min)
-#   bash bench/gpu_session.sh         # the benchmarks (~8 min on an H100/H200)
+#   bash bench/gpu_session.sh smoke   # every code path on 7B shapes, cut to 1-2 blocks (~2 min)
+#   bash bench/gpu_session.sh prune   # the pruning benchmarks (~8.5 min on an H200)
+#   bash bench/gpu_session.sh speed   # the 2:4 speed benchmarks (~5 min)
+#   bash bench/gpu_session.sh         # both
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
@@ -28,16 +30,23 @@ if [ "${1:-}" = smoke ]; then
   exit 0
 fi
 
-# issue 9: Wanda 50 % under each placement plan, the eager floor, the torch.compile trial
-step 160 $PY bench/bench_gpu.py --shape 7b --runs wanda --offload auto weights cpu --out "$OUT/gpu_wanda.json"
-# issue 9: 2:4, STADE, AlphaPruning on top of Wanda (plan auto)
-step 150 $PY bench/bench_gpu.py --shape 7b --no-floor --runs "wanda 2:4" stade "wanda alpha" \
-  --out "$OUT/gpu_runs.json"
-# issue 12: 2:4 speed per layer shape (every path, eager and graphed) and prefill, bf16 and fp16
-step 110 $PY bench/bench_sparse24.py --shape 7b --dtype bfloat16 float16 --out "$OUT/sparse24.json"
-# issue 10: SparseGPT, 8 of the 32 blocks (the reference's figure is for 8 blocks too)
-step 70 $PY bench/bench_gpu.py --shape 7b --layers 8 --no-floor --runs sparsegpt --out "$OUT/gpu_sparsegpt.json"
-# issue 9: ESD precision and time on 7B-shaped weights (2 blocks; the full-model ESD time is in gpu_runs)
-step 30 $PY bench/bench_esd.py --random 7b --layers 2 --device cuda --skip-byte-key --out "$OUT/esd_cuda.json"
-# issue 9: torch.compile on a block pass, compile time counted
-step 40 $PY bench/bench_gpu.py --shape 7b --no-floor --runs --compile-trial --out "$OUT/gpu_compile.json"
+part=${1:-all}
+if [ "$part" = all ] || [ "$part" = prune ]; then
+  # issue 9: Wanda 50 % under each placement plan, and the eager floor
+  step 160 $PY bench/bench_gpu.py --shape 7b --runs wanda --offload auto weights cpu --out "$OUT/gpu_wanda.json"
+  # issue 9: 2:4 and STADE (plan auto)
+  step 110 $PY bench/bench_gpu.py --shape 7b --no-floor --runs "wanda 2:4" stade --out "$OUT/gpu_runs.json"
+  # issue 9: AlphaPruning on top of Wanda (the float64 ESD of 224 matrices included)
+  step 100 $PY bench/bench_gpu.py --shape 7b --no-floor --runs "wanda alpha" --out "$OUT/gpu_alpha.json"
+  # issue 10: SparseGPT, 8 of the 32 blocks (the reference's figure is for 8 blocks too)
+  step 70 $PY bench/bench_gpu.py --shape 7b --layers 8 --no-floor --runs sparsegpt --out "$OUT/gpu_sparsegpt.json"
+  # issue 9: ESD precision and time on 7B-shaped weights (2 blocks)
+  step 30 $PY bench/bench_esd.py --random 7b --layers 2 --device cuda --skip-byte-key --out "$OUT/esd_cuda.json"
+  # issue 9: torch.compile on a block pass, compile time counted
+  step 40 $PY bench/bench_gpu.py --shape 7b --no-floor --runs --compile-trial --out "$OUT/gpu_compile.json"
+fi
+if [ "$part" = all ] || [ "$part" = speed ]; then
+  # issue 12: 2:4 speed per layer shape (every path, eager and graphed) and prefill
+  step 150 $PY bench/bench_sparse24.py --shape 7b --dtype bfloat16 --out "$OUT/sparse24.json"
+  step 150 $PY bench/bench_sparse24.py --shape 7b --dtype float16 --out "$OUT/sparse24_fp16.json"
+fi
