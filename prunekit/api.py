@@ -237,7 +237,8 @@ class Workspace:
         return record
 
 
-def _checkpoint_folder(config: PruneConfig, out: str) -> str:
+def _checkpoint_folder(config: PruneConfig, out: str | None) -> str:
+    """--checkpoint-dir, else beside --out."""
     import os
     return config.checkpoint_dir or os.path.abspath(out).rstrip("/") + ".checkpoint"
 
@@ -252,7 +253,7 @@ def _checkpointer(config: PruneConfig, out: str | None):
             raise PrunekitError("--resume continues a run that saves its result: pass the same --out")
         return None
     from .execution.resume import Checkpointer
-    return Checkpointer(config.checkpoint_dir if not out else _checkpoint_folder(config, out), config, config.resume)
+    return Checkpointer(_checkpoint_folder(config, out), config, config.resume)
 
 
 def _report_into(record: dict, report) -> None:

@@ -49,9 +49,8 @@ class Phases:
             end.record()
             self.events.append((name, start, end))
         else:
-            t = time.perf_counter()
-            yield
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+            with self.host(name):
+                yield
 
     @contextlib.contextmanager
     def host(self, name: str):

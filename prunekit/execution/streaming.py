@@ -79,19 +79,18 @@ class BlockStreamer:
 
 
 @contextlib.contextmanager
-def model_on_device(model: nn.Module, device: torch.device, plan: Plan, phases=None):
+def model_on_device(model: nn.Module, device: torch.device, plan: Plan, phases):
     """Plan `device` on a GPU: the whole model goes up first and comes back to where it was at the
     end (pruned). Otherwise the model stays where it is. `phases` (loop.Phases) times both moves on
     the host's clock."""
     home = next(model.parameters()).device
     moved = plan.name == "device" and device.type == "cuda" and home != device
-    timer = phases.host if phases is not None else (lambda name: contextlib.nullcontext())
     if moved:
-        with timer("weights in (host)"):
+        with phases.host("weights in (host)"):
             model.to(device)
     try:
         yield
     finally:
         if moved:
-            with timer("weights out (host)"):
+            with phases.host("weights out (host)"):
                 model.to(home)
