@@ -250,10 +250,14 @@ class DiskBlocks:
 
     def offload(self, i: int) -> None:
         if self.writer is not None:
-            prefix = self.prefix(i)
-            for name, p in self.blocks[i].named_parameters():
-                self.writer.write(prefix + name, p.data)
+            self.write(i, {name: p.data for name, p in self.blocks[i].named_parameters()})
         self.release(i)
+
+    def write(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Block i's parameters (by name within the block) into the output, in the planned order."""
+        prefix = self.prefix(i)
+        for name, _ in self.blocks[i].named_parameters():
+            self.writer.write(prefix + name, tensors[name])
 
     def release(self, i: int) -> None:
         self.blocks[i].to("meta")

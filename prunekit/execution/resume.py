@@ -119,9 +119,7 @@ class Checkpointer:
         """Disk offload: write the finished blocks from the checkpoint into the new output, in the
         order the output's shards were planned (what DiskBlocks.offload would have written)."""
         for i in range(self.done):
-            state, prefix = self.block(i), streamer.prefix(i)
-            for name, _ in streamer.blocks[i].named_parameters():
-                streamer.writer.write(prefix + name, state[name])
+            streamer.write(i, self.block(i))
 
     def clear(self) -> None:
         if self.rank == 0:  # the rank that saves the result
