@@ -19,6 +19,7 @@ dense kernel does per weight, so it is slower; the record says so.
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -89,33 +90,39 @@ def _to_sparse(weight: torch.Tensor, backend: str):
         SparseSemiStructuredTensor._FORCE_CUTLASS = False
 
 
-def _cuda_paths(w: torch.Tensor, x: torch.Tensor) -> dict:
-    """name -> a zero-argument call computing x @ w.T through that 2:4 path."""
-    paths = {"cutlass": (lambda ws: (lambda: F.linear(x, ws)))(_to_sparse(w, "cutlass"))}
+def _cuda_paths(w: torch.Tensor) -> dict:
+    """name -> fn(x) computing x @ w.T through that 2:4 path; the weight is converted once, here
+    (the algorithm search, which depends on the token count, once per input shape)."""
+    cutlass = _to_sparse(w, "cutlass")
+    paths = {"cutlass": lambda x: F.linear(x, cutlass)}
     if _has_cusparselt():
-        ws = _to_sparse(w, "cusparselt")
-        paths["cusparselt"] = lambda: F.linear(x, ws)
-        packed = torch._cslt_compress(w)
-        paths["cslt"] = lambda: torch._cslt_sparse_mm(packed, x.t(), transpose_result=True)
+        ws, packed = _to_sparse(w, "cusparselt"), torch._cslt_compress(w)
+        paths["cusparselt"] = lambda x: F.linear(x, ws)
+        paths["cslt"] = lambda x: torch._cslt_sparse_mm(packed, x.t(), transpose_result=True)
         if hasattr(torch, "_cslt_sparse_mm_search"):
-            alg = torch._cslt_sparse_mm_search(packed, x.t())
-            alg = alg[0] if isinstance(alg, (tuple, list)) else int(alg)
-            paths["cslt_search"] = lambda: torch._cslt_sparse_mm(packed, x.t(), alg_id=alg, transpose_result=True)
+            algs = {}
+
+            def searched(x):
+                if x.shape not in algs:
+                    alg = torch._cslt_sparse_mm_search(packed, x.t())
+                    algs[x.shape] = alg[0] if isinstance(alg, (tuple, list)) else int(alg)
+                return torch._cslt_sparse_mm(packed, x.t(), alg_id=algs[x.shape], transpose_result=True)
+            paths["cslt_search"] = searched
     return paths
 
 
-def _cuda_row(w: torch.Tensor, x: torch.Tensor) -> dict:
+def _cuda_row(w: torch.Tensor, paths: dict | Exception, x: torch.Tensor) -> dict:
     """Dense and every 2:4 path, eager and graphed; each path's largest relative error against dense
-    (a wrong kernel is not a fast one). A path that fails records its error instead of a time."""
+    (a wrong kernel is not a fast one). A path that fails records its error instead of a time;
+    `paths` is the conversion's exception when the weight could not be converted at all."""
     dense = lambda: F.linear(x, w)  # noqa: E731
     ref = dense().float()
     row = {"dense_ms": _time_cuda(dense) * 1e3, "dense_graph_ms": _time_cuda(_graphed(dense)) * 1e3}
-    try:
-        paths = _cuda_paths(w, x)
-    except Exception as exc:  # noqa: BLE001 - recorded: a backend this torch/GPU lacks
-        row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+    if isinstance(paths, Exception):  # a backend this torch/GPU lacks
+        row["error"] = f"{type(paths).__name__}: {paths}"[:200]
         return row
-    for name, fn in paths.items():
+    for name, path in paths.items():
+        fn = functools.partial(path, x)
         try:
             err = (fn().float() - ref).abs().max() / ref.abs().max()
             row[f"{name}_err"] = float(err)
@@ -133,13 +140,18 @@ def layer_table(shapes: dict, device: torch.device, dtype: torch.dtype, tokens=T
     rows = []
     for (out_f, in_f), weight in shapes.items():
         w = weight.to(device, dtype)
-        if device.type != "cuda":
+        if device.type == "cuda":
+            try:
+                paths = _cuda_paths(w)
+            except Exception as exc:  # noqa: BLE001 - recorded in each row of this shape
+                paths = exc
+        else:
             ws = w.to_sparse_csr()
         for n in tokens:
             x = torch.randn(n, in_f, device=device, dtype=dtype)
             row = {"shape": f"{out_f}x{in_f}", "tokens": n}
             if device.type == "cuda":
-                row.update(_cuda_row(w, x))
+                row.update(_cuda_row(w, paths, x))
             else:
                 row["dense_ms"] = _time_cpu(lambda: F.linear(x, w)) * 1e3
                 row["csr_ms"] = _time_cpu(lambda: torch.sparse.mm(ws, x.t()).t()) * 1e3
