@@ -60,20 +60,33 @@ def build_model(shape: str, layers: int | None, dtype: torch.dtype, seed: int = 
     return model.to("cpu").eval()
 
 
-def floor_seconds(model, adapter, ids, config) -> float:
-    """One full and one statistics pass of block 0 over all batches, times the number of blocks."""
+def block0(model, adapter, ids, config):
+    """(compute, block 0's captured inputs, block 0 on the compute device, a timer of fn() that
+    synchronises the device around it)."""
     compute = Compute.from_config(config)
     inputs = capture_block_inputs(model, adapter, ids, config.effective_batch_size, compute)
     block = adapter.blocks(model)[0].to(compute.device)
-    linears = adapter.block_linears(block)
-    for _ in range(2):  # the second round is timed (first use warms kernels and the allocator)
+
+    def timed(fn) -> float:
         synchronize(compute.device)
         t = time.perf_counter()
+        fn()
+        synchronize(compute.device)
+        return time.perf_counter() - t
+    return compute, inputs, block, timed
+
+
+def floor_seconds(model, adapter, ids, config) -> float:
+    """One full and one statistics pass of block 0 over all batches, times the number of blocks."""
+    compute, inputs, block, timed = block0(model, adapter, ids, config)
+    linears = adapter.block_linears(block)
+
+    def passes():
         with collect_stats(linears, adapter.linears[-1], centred=lambda n: False):
             run_block(block, inputs, compute)
         run_block(block, inputs, compute, outputs=inputs)
-        synchronize(compute.device)
-        seconds = time.perf_counter() - t
+    timed(passes)  # the second round is timed (first use warms kernels and the allocator)
+    seconds = timed(passes)
     block.to("cpu")
     return seconds * len(adapter.blocks(model))
 
@@ -82,22 +95,12 @@ def compile_trial(model, adapter, ids, config) -> dict:
     """torch.compile on a block's full pass: the first compiled call (compile included), then the
     steady compiled pass, beside the eager pass, all over the same batches of block 0. `wins` says
     whether the time saved over the whole model's passes (two per block) repays the compile."""
-    compute = Compute.from_config(config)
-    inputs = capture_block_inputs(model, adapter, ids, config.effective_batch_size, compute)
-    block = adapter.blocks(model)[0].to(compute.device)
-
-    def timed(module):
-        synchronize(compute.device)
-        t = time.perf_counter()
-        run_block(module, inputs, compute)
-        synchronize(compute.device)
-        return time.perf_counter() - t
-
-    timed(block)
-    eager = timed(block)
+    compute, inputs, block, timed = block0(model, adapter, ids, config)
     compiled = torch.compile(block)
-    first = timed(compiled)
-    steady = min(timed(compiled) for _ in range(2))
+    timed(lambda: run_block(block, inputs, compute))
+    eager = timed(lambda: run_block(block, inputs, compute))
+    first = timed(lambda: run_block(compiled, inputs, compute))
+    steady = min(timed(lambda: run_block(compiled, inputs, compute)) for _ in range(2))
     block.to("cpu")
     blocks = len(adapter.blocks(model))
     saved = (eager - steady) * 2 * blocks

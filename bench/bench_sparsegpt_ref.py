@@ -114,17 +114,16 @@ def ref_prune(model, adapter, samples, sparsity=0.5, nm=None):
         linears = adapter.block_linears(block)
         hess = {name: [torch.zeros(m.weight.shape[1], m.weight.shape[1]), 0] for name, m in linears.items()}
 
-        def add_batch(name):
+        def add_batch(h):  # h: [H, sequences counted] of one linear
             def hook(module, inp, out):
                 x = inp[0].detach().reshape(-1, inp[0].shape[-1])
-                h = hess[name]
                 h[0] *= h[1] / (h[1] + 1)
                 h[1] += 1
                 x = math.sqrt(2 / h[1]) * x.float()
                 h[0] += x.t() @ x
             return hook
 
-        handles = [m.register_forward_hook(add_batch(name)) for name, m in linears.items()]
+        handles = [m.register_forward_hook(add_batch(hess[name])) for name, m in linears.items()]
         for j in range(len(inps)):
             run(block, j)
         for h in handles:
