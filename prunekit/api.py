@@ -97,15 +97,12 @@ class Workspace:
     def inputs(self, calib: str, config: PruneConfig):
         """Block-0 inputs for this calibration set and precision, captured once (prune copies them)."""
         compute = Compute.from_config(config)
+        samples = self.samples(calib, config)
+        plan = plan_for(self.model, self.adapter, config, compute, build_scorer(config), tuple(samples.shape))
         key = ("inputs", calib, config.nsamples, config.seqlen, config.seed, config.effective_batch_size,
                str(compute.device), compute.dtype, compute.storage)
-
-        def capture():
-            samples = self.samples(calib, config)
-            plan = plan_for(self.model, self.adapter, config, compute, build_scorer(config), tuple(samples.shape))
-            return capture_block_inputs(self.model, self.adapter, samples, config.effective_batch_size, compute,
-                                        home=plan.activations)
-        return self._cached(key, capture)
+        return self._cached(key, lambda: capture_block_inputs(self.model, self.adapter, samples,
+                                                              config.effective_batch_size, compute, home=plan.activations))
 
     def windows(self, corpus: str, seqlen: int, max_windows: int | None) -> torch.Tensor:
         return self._cached(("windows", corpus, seqlen, max_windows),

@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="calibration sequences per block forward")
     p.add_argument("--stats-dtype", help="compute dtype of the dense statistics passes (default: --dtype); "
                                          "--dtype bfloat16 --stats-dtype float32: float32-quality masks, faster")
+    p.add_argument("--activation-dtype", default="auto",
+                   help="dtype of the block inputs/outputs kept between passes: auto (float32 where they stay with "
+                        "the compute, the compute dtype where they go to host memory or disk), float32, bfloat16, "
+                        "float16")
     p.add_argument("--offload", default="auto", help="placement: auto (fastest that fits), none (all on the GPU), "
                                                      "weights (blocks streamed from host), cpu (activations too), "
                                                      "disk (blocks read from the checkpoint, written as they finish)")
@@ -123,7 +127,8 @@ def _allocation_options(args) -> dict:
 def _config(args) -> PruneConfig:
     return PruneConfig(method=args.method, pattern=args.pattern, allocation=args.allocation,
                        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
-                       dtype=args.dtype, stats_dtype=args.stats_dtype, offload=args.offload,
+                       dtype=args.dtype, stats_dtype=args.stats_dtype, activation_dtype=args.activation_dtype,
+                       offload=args.offload,
                        scratch_dir=args.scratch_dir, save_format=args.save_format, resume=args.resume,
                        checkpoint=not args.no_checkpoint, checkpoint_dir=args.checkpoint_dir, max_shard_size=args.max_shard_size, gguf_cache=args.gguf_cache,
                        record_error=args.record_error, allow_long_context=args.allow_long_context,

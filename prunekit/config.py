@@ -39,6 +39,8 @@ class PruneConfig:
     dtype: str = "auto"                   # compute dtype of the passes (auto: bfloat16 on CUDA, float32 on
                                           # the CPU); statistics are always float32
     stats_dtype: str | None = None        # compute dtype of the dense statistics passes; None: as dtype
+    activation_dtype: str = "auto"        # block inputs/outputs between passes; auto: float32 where they stay
+                                          # with the compute, the compute dtype where they go to the host or disk
     device: str = "auto"
     offload: str = "auto"                 # placement: auto, none (all on the device), weights (streamed), cpu,
                                           # disk (weights read from the checkpoint, blocks written as they finish)
@@ -74,7 +76,8 @@ class PruneConfig:
             raise PrunekitError(
                 f"pattern {self.pattern} prunes exactly {nm[0] / nm[1]:g} of every layer, not {self.sparsity:g}: "
                 f"drop --sparsity, or use a non-uniform --allocation")
-        for flag, value in (("dtype", self.dtype), ("stats-dtype", self.stats_dtype or self.dtype)):
+        for flag, value in (("dtype", self.dtype), ("stats-dtype", self.stats_dtype or self.dtype),
+                            ("activation-dtype", self.activation_dtype)):
             if value not in DTYPES:
                 raise PrunekitError(f"--{flag} {value!r} is not one of {', '.join(DTYPES)}")
         if self.offload not in OFFLOAD:

@@ -4,7 +4,7 @@ import torch
 
 from conftest import tiny_model
 from prunekit import PruneConfig, PrunekitError, prune
-from prunekit.execution.placement import GiB, Sizes, device_need, plan_placement
+from prunekit.execution.placement import GiB, Sizes, device_need, plan_placement, plan_storage
 
 # LLaMA-2-7B in bf16 with 128 x 2048 calibration tokens
 SEVEN_B = dict(weights=int(12.3 * GiB), shell=int(0.5 * GiB), block=int(0.38 * GiB), activations=2 * GiB,
@@ -69,6 +69,49 @@ def test_cpu_plan_and_dense_copies():
     assert plan.line() == "placement: weights cpu, activations cpu (4.00 GiB float32)"
 
 
+def test_auto_storage_is_float32_where_the_activations_stay_and_it_costs_no_plan():
+    """--activation-dtype auto, bf16 compute: float32 block inputs on the device and on the CPU; the
+    compute dtype when float32 would need a slower plan, or when the activations travel anyway."""
+    def pair(**kw):  # the same run with float32 and with bf16 block inputs
+        wide = sizes(**{**kw, "activations": 2 * kw.get("activations", 2 * GiB),
+                        "batch_activations": 2 * SEVEN_B["batch_activations"], "storage_dtype": "float32"})
+        return wide, sizes(**kw)
+    plan = plan_storage(*pair())
+    assert (plan.name, plan.storage_dtype, plan.activation_bytes) == ("device", "float32", 4 * GiB)
+    assert plan_storage(*pair(device_free=18 * GiB)).storage_dtype == "bfloat16"  # f32 would stream
+    assert plan_storage(*pair(device_free=18 * GiB), "weights").storage_dtype == "float32"
+    plan = plan_storage(*pair(device_free=3 * GiB, activations=40 * GiB))
+    assert (plan.name, plan.storage_dtype) == ("offload", "bfloat16")  # over PCIe: half the traffic
+    assert plan_storage(*pair(device_free=None)).storage_dtype == "float32"  # the CPU: one memory
+    assert plan_storage(*pair(device_free=None, activations=9 * GiB, host_free=20 * GiB)).storage_dtype == "bfloat16"
+    plan = plan_storage(*pair(device_free=None, activations=40 * GiB, host_free=20 * GiB), "disk")
+    assert (plan.activations, plan.storage_dtype) == ("scratch", "bfloat16")
+    with pytest.raises(PrunekitError, match="nothing fits"):  # neither fits: the compute dtype's error
+        plan_storage(*pair(device_free=1 * GiB))
+
+
+@pytest.mark.parametrize("dtype,stats,choice,stored", [("bfloat16", None, "auto", "float32"),
+                                                       ("bfloat16", None, "bfloat16", "bfloat16"),
+                                                       ("bfloat16", "float32", "auto", "float32"),
+                                                       ("float32", None, "auto", "float32"),
+                                                       ("float32", None, "bfloat16", "bfloat16")])
+def test_activation_dtype_decides_the_stored_block_inputs(dtype, stats, choice, stored, samples, monkeypatch):
+    from prunekit.execution import passes
+    seen, original = [], passes.allocate_activations
+
+    def spy(shape, dtype, *args, **kwargs):
+        seen.append(dtype)
+        return original(shape, dtype, *args, **kwargs)
+    monkeypatch.setattr(passes, "allocate_activations", spy)
+    config = PruneConfig(method="wanda", nsamples=8, seqlen=32, dtype=dtype, stats_dtype=stats,
+                         activation_dtype=choice, device="cpu")
+    report = prune(tiny_model("llama"), config, samples)
+    assert report.placement["storage_dtype"] == stored and f"GiB {stored})" in report.placement["line"]
+    assert seen and {str(d) for d in seen} == {f"torch.{stored}"}
+    with pytest.raises(PrunekitError, match="--activation-dtype 'fp8' is not one of"):
+        PruneConfig(activation_dtype="fp8")
+
+
 def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -116,5 +159,8 @@ def test_record_error_per_block(samples):
 def test_cuda_bf16_run_keeps_activations_on_the_device(samples):
     model = tiny_model("llama").to(torch.bfloat16)
     report = prune(model, PruneConfig(method="wanda", nsamples=8, seqlen=32, device="cuda"), samples)
+    assert report.placement["activations"] == "cuda" and report.placement["storage_dtype"] == "float32"
+    report = prune(model, PruneConfig(method="wanda", nsamples=8, seqlen=32, device="cuda", activation_dtype="bfloat16"),
+                   samples)
     assert report.placement["activations"] == "cuda" and report.placement["storage_dtype"] == "bfloat16"
     assert next(model.parameters()).device.type == "cpu"  # back where it came from

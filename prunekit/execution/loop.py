@@ -27,8 +27,8 @@ from ..scoring import Scorer, build_scorer
 from . import distributed
 from .disk import DiskBlocks
 from .passes import Activations, ErrorMeter, Scratch, capture_block_inputs, collect_stats, run_block
-from .placement import Plan, Sizes, plan_placement
-from .precision import Compute, dtype_name
+from .placement import Plan, Sizes, plan_placement, plan_storage
+from .precision import DTYPES, Compute, dtype_name
 from .streaming import BlockStreamer, model_on_device
 
 
@@ -203,8 +203,10 @@ def host_free_bytes() -> int:
 
 
 def placement_sizes(model: nn.Module, adapter: Adapter, config: PruneConfig, compute: Compute,
-                    scorer: Scorer, shape: tuple[int, int] | None) -> Sizes:
-    """The sizes the planner needs, from the model and the config alone (nothing runs)."""
+                    scorer: Scorer, shape: tuple[int, int] | None, storage: torch.dtype | None = None) -> Sizes:
+    """The sizes the planner needs, from the model and the config alone (nothing runs); the
+    activations in `storage` (default: compute's)."""
+    storage = storage or compute.storage
     blocks = adapter.blocks(model)
     in_blocks = {id(p) for p in blocks.parameters()}
     block_bytes = [_bytes(list(b.parameters()) + list(b.buffers())) for b in blocks]
@@ -213,7 +215,7 @@ def placement_sizes(model: nn.Module, adapter: Adapter, config: PruneConfig, com
     widest = max(max(adapter.weight(m).shape) for m in adapter.block_linears(blocks[0]).values())
     nsamples, seqlen = shape if shape is not None else (0, 0)
     batch = min(config.effective_batch_size, max(nsamples, 1))
-    itemsize = torch.finfo(compute.storage).bits // 8
+    itemsize = torch.finfo(storage).bits // 8
     acts, batch_acts = nsamples * seqlen * hidden * itemsize, batch * seqlen * hidden * itemsize
     tokens = batch * seqlen
     # a pass over one batch: float32 residual stream and normed copies, the MLP's widest activations,
@@ -229,12 +231,23 @@ def placement_sizes(model: nn.Module, adapter: Adapter, config: PruneConfig, com
         device_free = free + on_device
     return Sizes(weights=sum(block_bytes), shell=shell, block=max(block_bytes), activations=acts,
                  batch_activations=batch_acts, work=work, device_free=device_free, host_free=host_free_bytes(),
-                 activation_copies=copies, storage_dtype=dtype_name(compute.storage))
+                 activation_copies=copies, storage_dtype=dtype_name(storage))
 
 
-def plan_for(model, adapter, config, compute, scorer, shape, disk: bool = False) -> Plan:
-    sizes = placement_sizes(model, adapter, config, compute, scorer, shape)
-    return plan_placement(sizes, "disk" if disk else ("auto" if config.offload == "disk" else config.offload))
+def plan_for(model, adapter, config, compute, scorer, shape, disk: bool = False,
+             storage: torch.dtype | None = None) -> Plan:
+    """The placement plan; `compute`'s storage dtype becomes the plan's. `storage`: fixed by block
+    inputs captured earlier (a sweep's cache); else compute's, or chosen by plan_storage."""
+    offload = "disk" if disk else ("auto" if config.offload == "disk" else config.offload)
+
+    def sizes(dtype):
+        return placement_sizes(model, adapter, config, compute, scorer, shape, dtype)
+    if storage is None and compute.adjustable:
+        plan = plan_storage(sizes(torch.float32), sizes(compute.dtype), offload)
+    else:
+        plan = plan_placement(sizes(storage or compute.storage), offload)
+    compute.store, compute.adjustable = DTYPES[plan.storage_dtype], False
+    return plan
 
 
 def prepare_biases(model: nn.Module, adapter: Adapter, scorer: Scorer) -> None:
@@ -266,7 +279,8 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
         samples = distributed.shard(samples)  # this rank's sequences (all of them in one process)
     shape = tuple(inputs.hidden.shape[:2]) if inputs is not None else \
         (tuple(samples.shape) if samples is not None and run.needs_inputs else None)
-    run.plan = plan_for(model, run.adapter, config, run.compute, run.scorer, shape, disk=disk is not None)
+    run.plan = plan_for(model, run.adapter, config, run.compute, run.scorer, shape, disk=disk is not None,
+                        storage=inputs.hidden.dtype if inputs is not None else None)
     if log is not None:
         log(run.plan.line())
     run.report.placement = run.plan.to_dict()

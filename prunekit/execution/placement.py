@@ -111,6 +111,22 @@ def plan_placement(s: Sizes, offload: str = "auto", margin: float = 0.9) -> Plan
     raise PrunekitError(_no_fit(s, "host RAM", s.host_free, host_need(last, s), offload))
 
 
+def plan_storage(wide: Sizes, narrow: Sizes, offload: str = "auto", margin: float = 0.9) -> Plan:
+    """--activation-dtype auto with a low compute dtype: the plan for float32 block inputs (`wide`)
+    when it is the plan the compute dtype (`narrow`) gets and it keeps them in the compute's own
+    memory; else the compute dtype's plan. Float32 there costs memory only: the residual stream
+    enters every block as float32 anyway. Where they travel (pinned host memory, a scratch file)
+    the compute dtype halves the traffic; where float32 would force a slower plan, it loses."""
+    low = plan_placement(narrow, offload, margin)  # raises when nothing fits even so
+    try:
+        high = plan_placement(wide, offload, margin)
+    except PrunekitError:
+        return low
+    resident = "cpu" if wide.device_free is None else "cuda"
+    same = (high.name, high.weights, high.activations) == (low.name, low.weights, low.activations)
+    return high if same and high.activations == resident else low
+
+
 def disk_plan(s: Sizes, margin: float = 0.9) -> Plan:
     """Weights on disk: two blocks and the shell resident; activations on the GPU if they fit there,
     else in RAM, else in a memory-mapped scratch file."""
