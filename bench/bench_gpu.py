@@ -32,7 +32,8 @@ SHAPES = {  # hidden, intermediate, heads, kv heads, blocks
     "70b": (8192, 28672, 64, 8, 80),
 }
 RUNS = ["wanda", "wanda 2:4", "stade", "wanda alpha", "sparsegpt"]
-COLUMNS = [("run", "run", ""), ("offload", "offload", ""), ("plan", "plan", ""), ("prune_s", "prune s", ".2f"),
+COLUMNS = [("run", "run", ""), ("offload", "offload", ""), ("plan", "plan", ""), ("storage", "activations", ""),
+           ("prune_s", "prune s", ".2f"),
            ("floor_s", "floor s", ".2f"), ("vs_floor", "vs floor", ".2f"), ("masks_s", "masks s", ".2f"),
            ("weights_host_s", "weights moved s (host)", ".2f"),
            ("peak_device_gib", "peak GPU GiB", ".2f"), ("peak_rss_gib", "peak RSS GiB", ".2f")]
@@ -118,6 +119,8 @@ def main(argv=None):
     ap.add_argument("--offload", nargs="+", default=["auto"], help="plans to time: auto none weights cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--activation-dtype", nargs="+", default=["auto"],
+                    help="storage dtypes of the block inputs to time: auto float32 bfloat16")
     ap.add_argument("--compile-trial", action="store_true", help="time torch.compile on a block pass")
     ap.add_argument("--no-floor", action="store_true", help="skip the floor measurement")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "gpu.json"))
@@ -142,16 +145,18 @@ def main(argv=None):
         words = label.split()
         pattern = next((w for w in words[1:] if ":" in w), "unstructured")
         allocation = next((w for w in words[1:] if ":" not in w), "uniform")
-        for offload in args.offload:
+        for offload, storage in [(o, s) for o in args.offload for s in args.activation_dtype]:
             del model
             model = build_model(args.shape, args.layers, torch.bfloat16)
-            config = PruneConfig(method=words[0], pattern=pattern, allocation=allocation, offload=offload, **base)
+            config = PruneConfig(method=words[0], pattern=pattern, allocation=allocation, offload=offload,
+                                 activation_dtype=storage, **base)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             with PeakRSS() as rss:
                 report = prune(model, config, ids, adapter, log=print)
             row = {"run": label, "offload": offload, "plan": report.placement["name"],
+                   "storage": report.placement["storage_dtype"],
                    "prune_s": report.prune_seconds, "floor_s": floor,
                    "vs_floor": report.prune_seconds / floor if floor else None,
                    "masks_s": report.phases.get("masks", 0.0), "phases": report.phases,

@@ -18,6 +18,13 @@ mask entries across the two (per layer: min, mean, block 0; overall).
 
 `--masks` (a folder outside the repo) keeps each run's masks; a later run with another thread count
 compares each implementation with itself there: how far float32 rounding alone moves the masks.
+
+    OMP_NUM_THREADS=2 python bench/bench_sparsegpt_ref.py --orders 5
+
+`--orders K` runs both implementations on K orderings of the same 32 calibration sequences (the
+first is the protocol's own order). The Hessian is a sum over sequences, so the order changes no
+number of the math, only its float32 rounding: each ordering is one draw of the rounding noise, and
+the K draws give each implementation's mean and spread (written under "orders PATTERN tN" in the JSON).
 """
 from __future__ import annotations
 
@@ -185,11 +192,46 @@ def agreement(a, b):
                        "mean": sum(per_layer.values()) / len(per_layer), "overall": overall}
 
 
+def orders(model, adapter, samples, windows, compute, k, threads, pattern):
+    """Both implementations on k orderings of the calibration sequences (the first: as given)."""
+    nm = tuple(int(v) for v in pattern.split(":")) if ":" in pattern else None
+    rows = []
+    for order in range(k):
+        perm = torch.arange(samples.shape[0]) if order == 0 else \
+            torch.randperm(samples.shape[0], generator=torch.Generator().manual_seed(order))
+        for impl in ("reference-style", "prunekit"):
+            net = copy.deepcopy(model)
+            t = time.perf_counter()
+            if impl == "prunekit":
+                prunekit_prune(net, adapter, samples[perm], pattern=pattern)
+            else:
+                ref_prune(net, adapter, samples[perm], nm=nm)
+            seconds = time.perf_counter() - t
+            ppl = perplexity(net, windows, compute, desc=impl)["ppl"]
+            rows.append({"threads": threads, "pattern": pattern, "order": order, "impl": impl, "ppl": ppl,
+                         "prune_seconds": seconds})
+            print(f"order {order} {impl}: ppl {ppl:.3f}, {seconds:.1f} s", flush=True)
+            del net
+    summary = {}
+    for impl in ("reference-style", "prunekit"):
+        p = torch.tensor([r["ppl"] for r in rows if r["impl"] == impl], dtype=torch.float64)
+        summary[impl] = {"mean": p.mean().item(), "sd": p.std().item() if k > 1 else 0.0,
+                         "min": p.min().item(), "max": p.max().item()}
+    ref, ours = summary["reference-style"], summary["prunekit"]
+    summary["prunekit_vs_reference_mean"] = ours["mean"] / ref["mean"] - 1
+    print(markdown([{"impl": i, **summary[i]} for i in ("reference-style", "prunekit")],
+                   [("impl", "implementation", ""), ("mean", "mean ppl", ".3f"), ("sd", "sd", ".3f"),
+                    ("min", "min", ".3f"), ("max", "max", ".3f")]))
+    print(f"prunekit vs reference, mean over {k} orderings: {100 * summary['prunekit_vs_reference_mean']:+.2f} %")
+    return rows, summary
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true", help="only the small random-layer check")
     ap.add_argument("--pattern", default="unstructured", help="unstructured (50 %%), 2:4 or 4:8")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "sparsegpt_ref.json"))
+    ap.add_argument("--orders", type=int, help="run both on K orderings of the calibration sequences (rounding draws)")
     ap.add_argument("--masks", help="folder (outside the repo) to save this run's masks in; masks saved there by a "
                     "run with another thread count are compared with this run's (the rounding noise floor)")
     args = ap.parse_args()
@@ -203,6 +245,13 @@ def main():
     assert all(p.dtype == torch.float32 for p in model.parameters())  # GGUF, dequantized to float32
     samples, windows = protocol(tokenizer)
     compute = Compute.from_config(PruneConfig(dtype="float32", device="cpu"))
+    if args.orders:
+        rows, summary = orders(model, adapter, samples, windows, compute, args.orders, threads, args.pattern)
+        results = json.load(open(args.out)) if os.path.exists(args.out) else {"runs": {}}
+        results["runs"][f"orders {args.pattern} t{threads}"] = {
+            "meta": {**meta(), "torch_num_threads": threads}, "rows": rows, "summary": summary}
+        _write(args.out, results)
+        return
     rows, masks = [], {}
     for impl in ("reference-style", "prunekit"):
         net = copy.deepcopy(model)
@@ -241,10 +290,14 @@ def main():
     results["runs"][key] = {"meta": {**meta(), "torch_num_threads": threads}, "rows": rows,
                                      "mask_agreement": agree, "per_layer_agreement": per_layer,
                                      "across_threads": across, "check": sanity}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
+    _write(args.out, results)
+
+
+def _write(path, results):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=2)
-    os.replace(args.out + ".tmp", args.out)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 #   bash bench/gpu_session.sh smoke   # every code path on 7B shapes, cut to 1-2 blocks (~2 min)
 #   bash bench/gpu_session.sh prune   # the pruning benchmarks (~8.5 min on an H200)
 #   bash bench/gpu_session.sh speed   # the 2:4 speed benchmarks (~5 min)
+#   bash bench/gpu_session.sh storage # float32 vs bf16 block inputs, Wanda 50 % and 2:4 (~3 min)
 #   bash bench/gpu_session.sh         # both
 set -u
 cd "$(dirname "$0")/.."
@@ -44,6 +45,11 @@ if [ "$part" = all ] || [ "$part" = prune ]; then
   step 30 $PY bench/bench_esd.py --random 7b --layers 2 --device cuda --skip-byte-key --out "$OUT/esd_cuda.json"
   # issue 9: torch.compile on a block pass, compile time counted
   step 40 $PY bench/bench_gpu.py --shape 7b --no-floor --runs --compile-trial --out "$OUT/gpu_compile.json"
+fi
+if [ "$part" = all ] || [ "$part" = storage ]; then
+  # issue 9: what float32 block inputs (--activation-dtype auto on the device) cost against bf16
+  step 200 $PY bench/bench_gpu.py --shape 7b --no-floor --runs wanda "wanda 2:4" --activation-dtype auto bfloat16 \
+    --out "$OUT/gpu_storage.json"
 fi
 if [ "$part" = all ] || [ "$part" = speed ]; then
   # issue 12: 2:4 speed per layer shape (every path, eager and graphed) and prefill

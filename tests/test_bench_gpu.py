@@ -11,9 +11,11 @@ def test_bench_gpu_tiny(tmp_path, monkeypatch):
     import bench_gpu
     out = tmp_path / "gpu.json"
     rows = bench_gpu.main(["--shape", "tiny", "--layers", "2", "--nsamples", "4", "--seqlen", "64",
-                           "--runs", "wanda", "wanda 2:4 alpha", "--offload", "auto", "cpu", "--out", str(out)])
+                           "--runs", "wanda", "wanda 2:4 alpha", "--offload", "auto", "cpu", "--out", str(out),
+                           "--dtype", "bfloat16", "--activation-dtype", "auto", "bfloat16"])
     saved = json.loads(out.read_text())
-    assert [r["run"] for r in saved["rows"]] == ["wanda", "wanda", "wanda 2:4 alpha", "wanda 2:4 alpha"]
+    assert [r["run"] for r in saved["rows"]] == ["wanda"] * 4 + ["wanda 2:4 alpha"] * 4
+    assert [r["storage"] for r in saved["rows"]] == ["float32", "bfloat16"] * 4
     for row in rows:
         assert row["prune_s"] > 0 and row["floor_s"] > 0 and row["peak_rss_gib"] > 0
         assert row["sparsity"] > 0.49 and row["placement"]["line"].startswith("placement:")

@@ -2,12 +2,21 @@
 float tolerance (the statistics are summed in another order)."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+
+def free_port() -> str:
+    """A port nobody listens on now. (One port per pytest process, as before, was taken again by the
+    next test while the last rendezvous still held it: 'address already in use'.)"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 @pytest.mark.parametrize("method", ["stade", "sparsegpt"])  # Chan-merged means; X^T X and sums of squares
@@ -20,7 +29,7 @@ def test_two_ranks_equal_one_process(method, tiny_dir, corpus_file, tmp_path):
                           "--json", str(tmp_path / "one.json")], capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(29500 + os.getpid() % 1000), "-m", "prunekit", *args,
+                          "--master-port", free_port(), "-m", "prunekit", *args,
                           "--out", str(tmp_path / "two"), "--json", str(tmp_path / "two.json")],
                          capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -59,7 +68,7 @@ sys.exit(main(sys.argv[1:]))
 
     def torchrun(*cmd):
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                               "--master-port", str(29500 + (os.getpid() + len(cmd)) % 1000), *cmd],
+                               "--master-port", free_port(), *cmd],
                               capture_output=True, text=True, env=env)
 
     out = ["--out", str(tmp_path / "out"), "--checkpoint-dir", str(ckpt)]
