@@ -11,7 +11,13 @@
    eps = 2^-11 (which flips about as many weights as bf16 does), one run per seed: how far 2:4
    perplexity moves on mask changes of that size that have nothing to do with the dtype.
 
+4. Orderings (`--parts orders`, not in the default set: about 10 minutes per ordering): float32 and
+   bf16 runs of each `--orders-runs` entry on K orderings of the same calibration sequences (see
+   common.orderings), so that bf16 is compared with float32 as a mean over rounding draws rather
+   than as one draw against another.
+
     python bench/bench_bf16.py [--parts flips eval sensitivity] [--blocks 2 10 20 28] [--seeds 4]
+    python bench/bench_bf16.py --parts orders --orders 3 --orders-runs "sparsegpt 2:4" "wanda 2:4"
     python bench/bench_bf16.py --render bench/results/bf16.json   # the tables again, from the JSON
 
 Prints tables and writes bench/results/bf16.json (about 15 minutes on the 2-core CI machine).
@@ -31,7 +37,7 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import markdown, meta, protocol, write_results  # noqa: E402
+from common import markdown, meta, orderings, protocol, write_results  # noqa: E402
 
 from prunekit.execution import loop, precision  # noqa: E402
 from prunekit import PruneConfig, prune  # noqa: E402
@@ -133,7 +139,37 @@ def flip_summary(flips: list[dict]) -> list[dict]:
     return list(out.values())
 
 
-def render(flips: list[dict], evals: list[dict], sens: list[dict]) -> str:
+def ordering_runs(model, adapter, samples, windows, runs: list[str], k: int) -> tuple[list[dict], list[dict]]:
+    """Each run ('METHOD PATTERN') in float32 and bf16 on k orderings; rows, and per run and dtype the
+    mean, spread and the bf16 mean against the float32 mean."""
+    rows = []
+    for label in runs:
+        method, pattern = label.split()
+        for order, perm in orderings(samples.shape[0], k):
+            for dtype, compute in (("float32", FP32), ("bfloat16", BF16)):
+                net = copy.deepcopy(model)
+                report = prune(net, PruneConfig(method=method, pattern=pattern, nsamples=32, seqlen=512,
+                                                dtype=dtype, device="cpu"), samples[perm], adapter)
+                rows.append({"run": label, "order": order, "dtype": dtype, "ppl": perplexity(net, windows, compute)["ppl"],
+                             "prune_seconds": report.prune_seconds})
+                print(rows[-1], flush=True)
+    return rows, ordering_summary(rows)
+
+
+def ordering_summary(rows: list[dict]) -> list[dict]:
+    out = []
+    for label in dict.fromkeys(r["run"] for r in rows):
+        means = {}
+        for dtype in ("float32", "bfloat16"):
+            p = torch.tensor([r["ppl"] for r in rows if r["run"] == label and r["dtype"] == dtype], dtype=torch.float64)
+            means[dtype] = p.mean().item()
+            out.append({"run": label, "dtype": dtype, "draws": len(p), "mean": means[dtype],
+                        "sd": p.std().item() if len(p) > 1 else 0.0, "min": p.min().item(), "max": p.max().item(),
+                        "vs float32": means[dtype] / means["float32"] - 1})
+    return out
+
+
+def render(flips: list[dict], evals: list[dict], sens: list[dict], orders: list[dict] | None = None) -> str:
     layer_cols = [(n, f"{n} %", ".3f") for n in layer_names(flips)] + [("weights", "weights flipped", ".0f")]
     parts = []
     if flips:
@@ -144,6 +180,10 @@ def render(flips: list[dict], evals: list[dict], sens: list[dict]) -> str:
     if sens:
         parts.append(markdown(sens, [("statistics", "float32 wanda 2:4, statistics", ""), ("ppl", "ppl", ".2f"),
                                      ("vs exact", "vs exact", "+.2%")]))
+    if orders:
+        parts.append(markdown(orders, [("run", "run", ""), ("dtype", "dtype", ""), ("draws", "orderings", ""),
+                                       ("mean", "mean ppl", ".2f"), ("sd", "sd", ".2f"), ("min", "min", ".2f"),
+                                       ("max", "max", ".2f"), ("vs float32", "mean vs float32", "+.1%")]))
     return "\n\n".join(parts)
 
 
@@ -155,6 +195,8 @@ def main():
                     help="relative noise levels whose mask flips the first table shows")
     ap.add_argument("--sensitivity-eps", type=float, default=2.0 ** -11)
     ap.add_argument("--parts", nargs="+", default=["flips", "eval", "sensitivity"])
+    ap.add_argument("--orders", type=int, default=3, help="orderings per run for --parts orders")
+    ap.add_argument("--orders-runs", nargs="+", default=["sparsegpt 2:4", "wanda 2:4"])
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bf16.json"))
     ap.add_argument("--render", metavar="JSON", help="print the tables of an earlier run and exit")
@@ -162,12 +204,13 @@ def main():
     if args.render:
         with open(args.render) as f:
             saved = json.load(f)
-        print(render(saved["rows"], saved["meta"]["eval_dtype"], saved["meta"]["sensitivity"]))
+        print(render(saved["rows"], saved["meta"]["eval_dtype"], saved["meta"]["sensitivity"],
+                     saved["meta"].get("orders_summary")))
         return
 
     model, tokenizer, adapter, _ = load("smollm2-135m")
     samples, windows = protocol(tokenizer, windows=args.windows)
-    flips, evals, sens = [], [], []
+    flips, evals, sens, orders, summary = [], [], [], [], []
     if "flips" in args.parts:
         flips = mask_flips(model, adapter, samples, args.blocks, args.eps)
 
@@ -192,15 +235,20 @@ def main():
                          "ppl": perplexity(net, windows, FP32)["ppl"], "prune_seconds": report.prune_seconds})
             sens[-1]["vs exact"] = sens[-1]["ppl"] / sens[0]["ppl"] - 1
             print(sens[-1], flush=True)
+    if "orders" in args.parts:
+        orders, summary = ordering_runs(model, adapter, samples, windows, args.orders_runs, args.orders)
     if os.path.exists(args.out):  # keep the parts of an earlier run that this one did not redo
         with open(args.out) as f:
             saved = json.load(f)
         flips = flips or saved["rows"]
         evals = evals or saved["meta"].get("eval_dtype", [])
         sens = sens or saved["meta"].get("sensitivity", [])
-    print(render(flips, evals, sens))
+        orders = orders or saved["meta"].get("orders", [])
+        summary = summary or saved["meta"].get("orders_summary", [])
+    print(render(flips, evals, sens, summary))
     write_results(args.out, flips, {**meta(), "eval_dtype": evals, "sensitivity": sens,
-                                    "sensitivity_eps": args.sensitivity_eps})
+                                    "sensitivity_eps": args.sensitivity_eps, "orders": orders,
+                                    "orders_summary": summary})
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import markdown, meta, protocol  # noqa: E402
+from common import markdown, meta, orderings, protocol  # noqa: E402
 
 from prunekit import PruneConfig, prune  # noqa: E402
 from prunekit.evaluate import perplexity  # noqa: E402
@@ -196,9 +196,7 @@ def orders(model, adapter, samples, windows, compute, k, threads, pattern):
     """Both implementations on k orderings of the calibration sequences (the first: as given)."""
     nm = tuple(int(v) for v in pattern.split(":")) if ":" in pattern else None
     rows = []
-    for order in range(k):
-        perm = torch.arange(samples.shape[0]) if order == 0 else \
-            torch.randperm(samples.shape[0], generator=torch.Generator().manual_seed(order))
+    for order, perm in orderings(samples.shape[0], k):
         for impl in ("reference-style", "prunekit"):
             net = copy.deepcopy(model)
             t = time.perf_counter()

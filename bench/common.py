@@ -23,6 +23,14 @@ def protocol(tokenizer, nsamples=32, seqlen=512, windows=64, seed=0):
     return samples, wins
 
 
+def orderings(n: int, k: int):
+    """k orderings of n calibration sequences, (index, permutation): the protocol's own order first,
+    then permutations seeded 1..k-1. The statistics are sums over the sequences, so another order
+    changes none of the math, only its float rounding: each ordering is one draw of that noise."""
+    for order in range(k):
+        yield order, torch.arange(n) if order == 0 else torch.randperm(n, generator=torch.Generator().manual_seed(order))
+
+
 def rss_mib() -> float:
     with open("/proc/self/status") as f:
         for line in f:
