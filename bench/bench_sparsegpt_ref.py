@@ -20,11 +20,16 @@ mask entries across the two (per layer: min, mean, block 0; overall).
 compares each implementation with itself there: how far float32 rounding alone moves the masks.
 
     OMP_NUM_THREADS=2 python bench/bench_sparsegpt_ref.py --orders 5
+    OMP_NUM_THREADS=2 python bench/bench_sparsegpt_ref.py --reference-arithmetic
 
 `--orders K` runs both implementations on K orderings of the same 32 calibration sequences (the
 first is the protocol's own order). The Hessian is a sum over sequences, so the order changes no
 number of the math, only its float32 rounding: each ordering is one draw of the rounding noise, and
 the K draws give each implementation's mean and spread (written under "orders PATTERN tN" in the JSON).
+
+`--reference-arithmetic` adds prunekit with `--sparsegpt-arithmetic reference` (the reference's
+float32 operations in its order, one sequence per pass) and checks it against the loop here bit for
+bit: the share of equal mask entries and how many parameters are identical.
 """
 from __future__ import annotations
 
@@ -144,7 +149,7 @@ def ref_prune(model, adapter, samples, sparsity=0.5, nm=None):
     return masks
 
 
-def prunekit_prune(model, adapter, samples, sparsity=0.5, pattern="unstructured"):
+def prunekit_prune(model, adapter, samples, sparsity=0.5, pattern="unstructured", arithmetic="fast"):
     """prunekit.prune as bench_core calls it; SparseGPT.prune is wrapped (not edited) to record its masks."""
     masks, original = [], SparseGPT.prune
 
@@ -156,7 +161,7 @@ def prunekit_prune(model, adapter, samples, sparsity=0.5, pattern="unstructured"
     SparseGPT.prune = recording
     try:
         config = PruneConfig(method="sparsegpt", sparsity=sparsity, pattern=pattern, nsamples=32, seqlen=512,
-                             seed=0, dtype="float32", device="cpu")
+                             seed=0, dtype="float32", device="cpu", sparsegpt_arithmetic=arithmetic)
         report = prune(model, config, samples, adapter)
     finally:
         SparseGPT.prune = original
@@ -229,6 +234,8 @@ def main():
     ap.add_argument("--check", action="store_true", help="only the small random-layer check")
     ap.add_argument("--pattern", default="unstructured", help="unstructured (50 %%), 2:4 or 4:8")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "sparsegpt_ref.json"))
+    ap.add_argument("--reference-arithmetic", action="store_true",
+                    help="also run prunekit --sparsegpt-arithmetic reference; check it bit for bit against the loop here")
     ap.add_argument("--orders", type=int, help="run both on K orderings of the calibration sequences (rounding draws)")
     ap.add_argument("--masks", help="folder (outside the repo) to save this run's masks in; masks saved there by a "
                     "run with another thread count are compared with this run's (the rounding noise floor)")
@@ -250,20 +257,32 @@ def main():
             "meta": {**meta(), "torch_num_threads": threads}, "rows": rows, "summary": summary}
         _write(args.out, results)
         return
-    rows, masks = [], {}
-    for impl in ("reference-style", "prunekit"):
+    rows, masks, weights = [], {}, {}
+    impls = ["reference-style", "prunekit"] + (["prunekit, reference arithmetic"] if args.reference_arithmetic else [])
+    for impl in impls:
         net = copy.deepcopy(model)
         t = time.perf_counter()
-        if impl == "prunekit":
-            masks[impl], _ = prunekit_prune(net, adapter, samples, pattern=args.pattern)
+        if impl.startswith("prunekit"):
+            masks[impl], _ = prunekit_prune(net, adapter, samples, pattern=args.pattern,
+                                            arithmetic="reference" if "reference" in impl else "fast")
         else:
             masks[impl] = ref_prune(net, adapter, samples, nm=nm)
         seconds = time.perf_counter() - t
         ppl = perplexity(net, windows, compute, desc=impl)["ppl"]
         pruned = sum(m.sum().item() for m in masks[impl].values()) / sum(m.numel() for m in masks[impl].values())
-        rows.append({"threads": threads, "pattern": args.pattern, "impl": impl, "ppl": ppl, "prune_seconds": seconds, "sparsity": pruned})
+        rows.append({"threads": threads, "pattern": args.pattern, "impl": impl, "ppl": ppl, "prune_seconds": seconds,
+                     "sparsity": pruned})
         print(f"{impl}: ppl {ppl:.3f}, {seconds:.1f} s", flush=True)
+        if impl != "prunekit":
+            weights[impl] = {n: p.detach().clone() for n, p in net.named_parameters()}
         del net
+    exact = None
+    if args.reference_arithmetic:  # bit for bit: every mask entry and every parameter
+        a, b = weights["reference-style"], weights["prunekit, reference arithmetic"]
+        exact = {"masks_equal": agreement(masks["reference-style"], masks["prunekit, reference arithmetic"])[1]["overall"],
+                 "parameters_identical": sum(torch.equal(a[n], b[n]) for n in a), "parameters": len(a)}
+        print(f"prunekit, reference arithmetic vs reference-style: {exact}")
+    masks = {k: v for k, v in masks.items() if k in ("reference-style", "prunekit")}
     per_layer, agree = agreement(masks["reference-style"], masks["prunekit"])
     agree["block0_min"] = min(v for n, v in per_layer.items() if n.startswith(f"{adapter.blocks_path}.0."))
     for r in rows:
@@ -287,7 +306,8 @@ def main():
     results = json.load(open(args.out)) if os.path.exists(args.out) else {"runs": {}}
     results["runs"][key] = {"meta": {**meta(), "torch_num_threads": threads}, "rows": rows,
                                      "mask_agreement": agree, "per_layer_agreement": per_layer,
-                                     "across_threads": across, "check": sanity}
+                                     "across_threads": across, "check": sanity,
+                                     **({"reference_arithmetic": exact} if exact else {})}
     _write(args.out, results)
 
 

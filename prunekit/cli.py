@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record each block's relative output error (pruned vs dense) in the JSON")
     p.add_argument("--esd-dtype", default="auto", help="AlphaPruning eigensolver precision: auto, float32, float64")
     p.add_argument("--no-bias-update", action="store_true", help="STADE without mean compensation")
+    p.add_argument("--sparsegpt-arithmetic", default="fast",
+                   help="fast, or reference: the reference's float32 operations in its order, one sequence "
+                        "per pass (its masks and weights bit for bit, at its speed)")
     p.add_argument("--wanda-variant", action="store_true", help="Wanda appendix variant (cumulative threshold)")
     p.add_argument("--eval-dense", action="store_true", help="also evaluate the dense model first")
     p.add_argument("--out", metavar="DIR", help="save the pruned model here")
@@ -133,7 +136,8 @@ def _config(args) -> PruneConfig:
                        checkpoint=not args.no_checkpoint, checkpoint_dir=args.checkpoint_dir, max_shard_size=args.max_shard_size, gguf_cache=args.gguf_cache,
                        record_error=args.record_error, allow_long_context=args.allow_long_context,
                        bias_update=not args.no_bias_update,
-                       wanda_variant=args.wanda_variant, **_allocation_options(args))
+                       wanda_variant=args.wanda_variant, sparsegpt_arithmetic=args.sparsegpt_arithmetic,
+                       **_allocation_options(args))
 
 
 def _tasks(value: str | None) -> list[str] | None:

@@ -55,6 +55,8 @@ class PruneConfig:
     record_error: bool = False            # per block: relative MSE of the pruned output vs the dense one
     bias_update: bool = True              # STADE mean compensation
     wanda_variant: bool = False           # Wanda appendix variant: per-row cumulative-score threshold
+    sparsegpt_arithmetic: str = "fast"    # fast, or reference: the reference's float32 operations in its
+                                          # order, one sequence per pass (its figures bit for bit, its speed)
     # allocation options (used by non-uniform allocations)
     epsilon: float = 0.3
     alpha_metric: str = "alpha_peak"
@@ -86,6 +88,11 @@ class PruneConfig:
         parse_size(self.max_shard_size)
         if self.save_format not in ("dense", "bitmask"):
             raise PrunekitError(f"--save-format {self.save_format!r} is not dense or bitmask")
+        if self.sparsegpt_arithmetic not in ("fast", "reference"):
+            raise PrunekitError(f"--sparsegpt-arithmetic {self.sparsegpt_arithmetic!r} is not fast or reference")
+        if self.sparsegpt_arithmetic == "reference" and self.batch_size not in (None, 1):
+            raise PrunekitError("--sparsegpt-arithmetic reference runs one sequence per pass, as the reference "
+                                f"does: drop --batch-size {self.batch_size}")
         if self.esd_dtype not in ESD_DTYPES:
             raise PrunekitError(f"--esd-dtype {self.esd_dtype!r} is not one of {', '.join(ESD_DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -115,6 +122,8 @@ class PruneConfig:
 
     @property
     def effective_batch_size(self) -> int:
+        if self.sparsegpt_arithmetic == "reference":
+            return 1
         return self.batch_size or max(1, 2048 // self.seqlen)
 
     def to_dict(self) -> dict:

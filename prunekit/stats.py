@@ -5,9 +5,12 @@ One accumulator serves every scorer: Wanda needs the sum of squares, STADE the m
 mean is much larger than the spread, unlike E[x^2] - E[x]^2). `centred=False` keeps only the sum of
 squares (what Wanda and OWL read): one pass over the batch instead of four. `gram=True` also keeps
 X^T X (SparseGPT's Hessian is 2/N_seq of it), accumulated in float32 by one matmul per batch.
+`gram="running"` keeps the Hessian itself as the SparseGPT reference accumulates it, a running
+average updated batch by batch in the reference's order of float32 operations (running_hessian).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +25,19 @@ def chan_merge(n_a: int, mean_a: torch.Tensor, m2_a: torch.Tensor, n_b: int, mea
     return mean_a + delta * (n_b / n), m2_a + m2_b + delta * delta * (n_a * n_b / n)
 
 
+def running_hessian(h: torch.Tensor | None, n: int, x: torch.Tensor, nseq: int) -> torch.Tensor:
+    """SparseGPT's H = (2/N_seq) sum x x^T as IST-DASLab/sparsegpt's `add_batch` builds it, operation
+    for operation: H *= n / (n + b); x = sqrt(2 / (n + b)) * x; H += x^T x, with n sequences seen
+    before this batch of b and x the batch's (tokens, columns) float32 inputs. One sequence per batch
+    gives the reference's float32 result bit for bit (the rounding differs from 2/N_seq * sum x x^T)."""
+    if h is None:
+        h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+    h *= n / (n + nseq)
+    x = math.sqrt(2 / (n + nseq)) * x
+    h += x.t().matmul(x)
+    return h
+
+
 @dataclass
 class ChannelStats:
     columns: int
@@ -31,7 +47,8 @@ class ChannelStats:
     mean: torch.Tensor | None = None
     m2: torch.Tensor | None = None  # sum of squared deviations from the mean
     centred: bool = True            # False: sum of squares only (no mean/variance)
-    gram: bool = False              # also keep xtx = sum over tokens of x x^T (columns x columns)
+    gram: bool | str = False        # also keep xtx = sum over tokens of x x^T (columns x columns);
+                                    # "running": xtx is SparseGPT's Hessian, the reference's running average
     xtx: torch.Tensor | None = None
     derived: dict = field(default_factory=dict)  # what a scorer computes once per input (SparseGPT's Hinv)
 
@@ -47,7 +64,10 @@ class ChannelStats:
         if self.gram:  # float32 even inside a bf16 pass: autocast would lower this matmul
             f32 = flat if flat.dtype == torch.float32 else flat.float()
             with torch.autocast(f32.device.type, enabled=False):
-                self.xtx = f32.T @ f32 if self.xtx is None else self.xtx.addmm_(f32.T, f32)
+                if self.gram == "running":
+                    self.xtx = running_hessian(self.xtx, self.nseq, f32, nseq)
+                else:
+                    self.xtx = f32.T @ f32 if self.xtx is None else self.xtx.addmm_(f32.T, f32)
         self.ntokens += flat.shape[0]
         self.nseq += nseq
 

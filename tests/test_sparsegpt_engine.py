@@ -67,3 +67,33 @@ def test_hessian_stays_float32_in_bf16_passes(samples):
     xtx = stats["self_attn.q_proj"].xtx
     assert xtx.dtype == torch.float32
     assert torch.allclose(xtx.diagonal(), stats["self_attn.q_proj"].sum_sq, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_reference_arithmetic_is_the_reference_bit_for_bit(arch, pattern, samples):
+    """--sparsegpt-arithmetic reference against bench/bench_sparsegpt_ref.py's independent loop (the
+    Wanda repo's structure: one sequence at a time, running-average Hessian per linear, fasterprune
+    column by column): every parameter identical. The fast arithmetic is not (float32 rounding)."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    from bench_sparsegpt_ref import ref_prune
+    adapter = adapter_for(arch)
+    nm = (2, 4) if pattern == "2:4" else None
+    expected = tiny_model(arch)
+    ref_prune(expected, adapter, samples, nm=nm)
+    for arithmetic in ("reference", "fast"):
+        model = tiny_model(arch)
+        prune(model, PruneConfig(method="sparsegpt", pattern=pattern, nsamples=8, seqlen=32, dtype="float32",
+                                 device="cpu", sparsegpt_arithmetic=arithmetic), samples, adapter)
+        same = [torch.equal(a, b) for a, b in zip(model.parameters(), expected.parameters())]
+        assert all(same) == (arithmetic == "reference"), arithmetic
+
+
+def test_reference_arithmetic_refuses_a_batch_size():
+    with pytest.raises(PrunekitError, match="one sequence per pass.*drop --batch-size 4"):
+        PruneConfig(method="sparsegpt", sparsegpt_arithmetic="reference", batch_size=4)
+    with pytest.raises(PrunekitError, match="--sparsegpt-arithmetic 'exact' is not fast or reference"):
+        PruneConfig(method="sparsegpt", sparsegpt_arithmetic="exact")
+    assert PruneConfig(method="sparsegpt", sparsegpt_arithmetic="reference", seqlen=64).effective_batch_size == 1

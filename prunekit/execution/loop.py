@@ -275,6 +275,9 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
     run = BlockLoop(model, config, adapter or adapter_for(model.config.model_type), log, disk, checkpoint)
     if run.needs_inputs and samples is None and inputs is None:
         raise PrunekitError(f"method {config.method} needs calibration data: pass --calib")
+    if distributed.world()[1] > 1 and config.sparsegpt_arithmetic == "reference":
+        raise PrunekitError("--sparsegpt-arithmetic reference reproduces the reference's float32 order in one "
+                            "process: run it without torchrun, or use the fast arithmetic")
     if samples is not None:
         samples = distributed.shard(samples)  # this rank's sequences (all of them in one process)
     shape = tuple(inputs.hidden.shape[:2]) if inputs is not None else \

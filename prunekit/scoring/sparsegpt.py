@@ -5,11 +5,16 @@ sparsegpt_math.py; this is the scorer that the execution stage calls.
 Its statistic shares the hook with Wanda's: the same accumulator keeps X^T X (float32) and the sum of
 squares (Wanda's s_j = diag(X^T X) / N_seq). Linears fed one input (q/k/v, gate/up) share one
 accumulator, hence one Hessian and one inverse factor.
+
+`--sparsegpt-arithmetic reference` runs the reference's float32 operations in its order instead
+(running-average Hessian, one sequence per pass, three-step Hinv, per-column updates, `<=`
+threshold): the reference's masks and weights bit for bit, to reproduce its published figures.
 """
 from __future__ import annotations
 
 from . import LinearPrune, Scorer, register_scorer
-from .sparsegpt_math import sparsegpt_hessian, sparsegpt_inverse_factor, sparsegpt_prune
+from .sparsegpt_math import (reference_inverse_factor, sparsegpt_hessian, sparsegpt_inverse_factor,
+                             sparsegpt_prune, sparsegpt_prune_reference)
 
 
 @register_scorer("sparsegpt")
@@ -17,8 +22,12 @@ class SparseGPT(Scorer):
     blocksize = 128
     percdamp = 0.01
 
-    def gram(self, norm_fed: bool) -> bool:
-        return True
+    @property
+    def reference(self) -> bool:
+        return getattr(self.config, "sparsegpt_arithmetic", "fast") == "reference"
+
+    def gram(self, norm_fed: bool) -> bool | str:
+        return "running" if self.reference else True
 
     def scores(self, weight, stats, norm_fed):  # what the unstructured mask of a block ranks
         raise NotImplementedError("SparseGPT chooses its mask inside the column loop: use prune()")
@@ -26,9 +35,13 @@ class SparseGPT(Scorer):
     def prune(self, weight, stats, sparsity, nm, norm_fed) -> LinearPrune:
         factor = stats.derived.get("sparsegpt")
         if factor is None:  # once per distinct input: q/k/v and gate/up share it
-            factor = sparsegpt_inverse_factor(sparsegpt_hessian(stats.xtx, stats.nseq), self.percdamp)
+            factor = reference_inverse_factor(stats.xtx, self.percdamp) if self.reference else \
+                sparsegpt_inverse_factor(sparsegpt_hessian(stats.xtx, stats.nseq), self.percdamp)
             stats.derived["sparsegpt"] = factor
             stats.xtx = None  # the Hessian is consumed; free its memory
-        result = sparsegpt_prune(weight, None, sparsity, nm, self.blocksize, self.percdamp, factor=factor)
+        if self.reference:
+            result = sparsegpt_prune_reference(weight, factor, sparsity, nm, self.blocksize)
+        else:
+            result = sparsegpt_prune(weight, None, sparsity, nm, self.blocksize, self.percdamp, factor=factor)
         info = {"damp_retries": factor.retries, "damp": factor.damp} if factor.retries else None
         return LinearPrune(result.mask, result.weight, None, None, info)

@@ -18,6 +18,12 @@ Faithful to the reference (IST-DASLab/sparsegpt `fasterprune`, as locuslab/wanda
     a Hessian with NaN/inf raises PrunekitError at once (no damping fixes it).
 The N:M mask of each group of M columns is chosen when the loop reaches the group's first column,
 on the weights as updated so far, as the reference does.
+
+`reference_inverse_factor` and `sparsegpt_prune_reference` are the other arithmetic
+(`--sparsegpt-arithmetic reference`): the reference's float32 operations in the reference's order
+(three-step Hinv, per-column rank-1 updates, `tmp <= sorted[k]`), which with the running-average
+Hessian (stats.running_hessian) and one sequence per pass reproduce the reference's masks and
+weights bit for bit, at the reference's speed.
 """
 from __future__ import annotations
 
@@ -207,3 +213,74 @@ def _nm_group(w_t, d_sq, inv_d, mask_t, scale_t, j, n, m):
     score = w_t[j:j + m].square().div_(d_sq[j:j + m])
     mask_t[j:j + m].scatter_(0, torch.topk(score, n, dim=0, largest=False).indices, True)
     torch.mul(mask_t[j:j + m], inv_d[j:j + m], out=scale_t[j:j + m])
+
+
+def reference_inverse_factor(hessian: torch.Tensor, percdamp: float = 0.01, max_damp_tries: int = 4) -> InverseFactor:
+    """Hinv as the reference computes it: H_dd = 1 for dead inputs, H += percdamp * mean(diag H) * I,
+    then chol_upper(cholesky_inverse(chol(H))), each step the reference's float32 operation. A failed
+    factorisation retries with 10x the damping, as sparsegpt_inverse_factor does."""
+    if not torch.isfinite(hessian.sum()):
+        raise PrunekitError("NaN/inf in the SparseGPT Hessian (calibration activations overflowed): "
+                            "try --dtype float32 or check the model weights")
+    h = hessian.detach().to(torch.float32, copy=True)
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    idx = torch.arange(h.shape[0], device=h.device)
+    base = percdamp * torch.mean(torch.diag(h))
+    undamped = h[idx, idx].clone()
+    for retries in range(max(max_damp_tries, 0) + 1):
+        damp = base if retries == 0 else base * 10.0 ** retries
+        h[idx, idx] = undamped
+        h[idx, idx] += damp
+        lower, info = torch.linalg.cholesky_ex(h)
+        if info.item() == 0:
+            hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info.item() == 0:
+                return InverseFactor(hinv, dead, float(damp), retries)
+    raise PrunekitError(
+        f"SparseGPT Hessian is not positive definite even with its damping raised 10x "
+        f"{max_damp_tries} times (to {float(damp):.3g}, from percdamp {percdamp}): use more calibration "
+        f"samples or a larger percdamp")
+
+
+def sparsegpt_prune_reference(weight: torch.Tensor, factor: InverseFactor, sparsity: float,
+                              nm: tuple[int, int] | None = None, blocksize: int = 128) -> SparseGPTResult:
+    """The reference's column loop (IST-DASLab/sparsegpt `fasterprune`, as locuslab/wanda runs it), its
+    float32 operations in its order. Unstructured: per block, prune every W^2 / diag(Hinv)^2 <= the
+    k-th smallest (k + 1 weights and ties, k = int(numel * sparsity)); N:M as sparsegpt_prune."""
+    w = weight.detach().to(torch.float32, copy=True)
+    rows, cols = w.shape
+    if nm is not None and (cols % nm[1] or blocksize % nm[1]):
+        raise ValueError(f"SparseGPT {nm[0]}:{nm[1]} needs in_features ({cols}) and blocksize ({blocksize}) "
+                         f"divisible by {nm[1]}")
+    hinv = factor.hinv
+    w[:, factor.dead] = 0
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    losses = torch.zeros(rows, dtype=torch.float32, device=w.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        q1, err1, losses1 = torch.zeros_like(w1), torch.zeros_like(w1), torch.zeros_like(w1)
+        if nm is None:
+            tmp = w1 ** 2 / (torch.diag(hinv1).reshape((1, -1))) ** 2
+            thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
+            mask1 = tmp <= thresh
+        else:
+            mask1 = torch.zeros_like(w1) == 1
+        for i in range(i2 - i1):
+            col, d = w1[:, i], hinv1[i, i]
+            if nm is not None and i % nm[1] == 0:
+                tmp = w1[:, i:i + nm[1]] ** 2 / (torch.diag(hinv1)[i:i + nm[1]].reshape((1, -1))) ** 2
+                mask1.scatter_(1, i + torch.topk(tmp, nm[0], dim=1, largest=False)[1], True)
+            q = col.clone()
+            q[mask1[:, i]] = 0
+            q1[:, i] = q
+            losses1[:, i] = (col - q) ** 2 / d ** 2
+            e = (col - q) / d
+            w1[:, i:] -= e.unsqueeze(1).matmul(hinv1[i, i:].unsqueeze(0))
+            err1[:, i] = e
+        w[:, i1:i2] = q1
+        mask[:, i1:i2] = mask1
+        losses += torch.sum(losses1, 1) / 2
+        w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
+    return SparseGPTResult(w, mask, losses, factor.damp, factor.retries)
