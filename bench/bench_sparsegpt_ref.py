@@ -29,7 +29,8 @@ the K draws give each implementation's mean and spread (written under "orders PA
 
 `--reference-arithmetic` adds prunekit with `--sparsegpt-arithmetic reference` (the reference's
 float32 operations in its order, one sequence per pass) and checks it against the loop here bit for
-bit: the share of equal mask entries and how many parameters are identical.
+bit: the share of equal mask entries and how many parameters are identical (results key "N with
+reference arithmetic").
 """
 from __future__ import annotations
 
@@ -304,6 +305,7 @@ def main():
                     across[f"{impl} vs {f[6:-3]}"] = agreement(masks[impl], other[impl])[1]
                     print(f"{impl}, t{threads} vs {f[6:-3]}: mask agreement {across[f'{impl} vs {f[6:-3]}']}")
     results = json.load(open(args.out)) if os.path.exists(args.out) else {"runs": {}}
+    key += " with reference arithmetic" if args.reference_arithmetic else ""
     results["runs"][key] = {"meta": {**meta(), "torch_num_threads": threads}, "rows": rows,
                                      "mask_agreement": agree, "per_layer_agreement": per_layer,
                                      "across_threads": across, "check": sanity,
