@@ -164,3 +164,54 @@ def test_cuda_bf16_run_keeps_activations_on_the_device(samples):
                    samples)
     assert report.placement["activations"] == "cuda" and report.placement["storage_dtype"] == "bfloat16"
     assert next(model.parameters()).device.type == "cpu"  # back where it came from
+
+
+def test_streamer_prefetches_on_its_worker_thread(samples, monkeypatch):
+    """The `stream` plan's control flow on the CPU, CUDA's calls replaced by stand-ins: each block is
+    pinned on the prefetch worker (never on the main thread), every block is pinned once per pass,
+    and the pruned model equals the unstreamed run's."""
+    import contextlib
+    import threading
+
+    from prunekit.execution import streaming
+
+    class Fake:  # a stream or an event: every call a no-op
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    pinned = []
+    original_pin = torch.Tensor.pin_memory
+
+    def pin(self, *args, **kwargs):
+        pinned.append(threading.current_thread().name)
+        return self.clone()
+
+    for name in ("Stream", "Event"):
+        monkeypatch.setattr(torch.cuda, name, Fake)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Fake())
+    monkeypatch.setattr(torch.cuda, "stream", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "device", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: None)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    init = streaming.BlockStreamer.__init__
+
+    def active_init(self, blocks, device, plan):
+        init(self, blocks, device, plan)
+        assert plan.streams_weights and not self.active  # the CPU: nothing to stream, until told
+        self.active, self.side = True, Fake()
+        self.worker = streaming.ThreadPoolExecutor(1, thread_name_prefix="prunekit-prefetch")
+    monkeypatch.setattr(streaming.BlockStreamer, "__init__", active_init)
+    config = dict(method="wanda", nsamples=8, seqlen=32, dtype="float32", device="cpu")
+    streamed = tiny_model("llama")
+    prune(streamed, PruneConfig(offload="weights", **config), samples)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", original_pin)
+    monkeypatch.setattr(streaming.BlockStreamer, "__init__", init)
+    plain = tiny_model("llama")
+    prune(plain, PruneConfig(offload="none", **config), samples)
+    per_block = len(list(streamed.model.layers[0].parameters())) + len(list(streamed.model.layers[0].buffers()))
+    assert len(pinned) == 2 * per_block and all(n.startswith("prunekit-prefetch") for n in pinned)
+    assert all(torch.equal(a, b) for a, b in zip(streamed.state_dict().values(), plain.state_dict().values()))
