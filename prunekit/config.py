@@ -55,8 +55,8 @@ class PruneConfig:
     record_error: bool = False            # per block: relative MSE of the pruned output vs the dense one
     bias_update: bool = True              # STADE mean compensation
     wanda_variant: bool = False           # Wanda appendix variant: per-row cumulative-score threshold
-    sparsegpt_arithmetic: str = "fast"    # fast, or reference: the reference's float32 operations in its
-                                          # order, one sequence per pass (its figures bit for bit, its speed)
+    sparsegpt_arithmetic: str = "fast"    # method sparsegpt: fast, or reference (the reference's float32 operations
+                                          # in its order, one sequence per pass: its figures bit for bit, its speed)
     # allocation options (used by non-uniform allocations)
     epsilon: float = 0.3
     alpha_metric: str = "alpha_peak"
@@ -90,7 +90,7 @@ class PruneConfig:
             raise PrunekitError(f"--save-format {self.save_format!r} is not dense or bitmask")
         if self.sparsegpt_arithmetic not in ("fast", "reference"):
             raise PrunekitError(f"--sparsegpt-arithmetic {self.sparsegpt_arithmetic!r} is not fast or reference")
-        if self.sparsegpt_arithmetic == "reference" and self.batch_size not in (None, 1):
+        if self.method == "sparsegpt" and self.sparsegpt_arithmetic == "reference" and self.batch_size not in (None, 1):
             raise PrunekitError("--sparsegpt-arithmetic reference runs one sequence per pass, as the reference "
                                 f"does: drop --batch-size {self.batch_size}")
         if self.esd_dtype not in ESD_DTYPES:
@@ -122,7 +122,7 @@ class PruneConfig:
 
     @property
     def effective_batch_size(self) -> int:
-        if self.sparsegpt_arithmetic == "reference":
+        if self.method == "sparsegpt" and self.sparsegpt_arithmetic == "reference":
             return 1
         return self.batch_size or max(1, 2048 // self.seqlen)
 

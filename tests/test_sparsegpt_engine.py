@@ -97,3 +97,4 @@ def test_reference_arithmetic_refuses_a_batch_size():
     with pytest.raises(PrunekitError, match="--sparsegpt-arithmetic 'exact' is not fast or reference"):
         PruneConfig(method="sparsegpt", sparsegpt_arithmetic="exact")
     assert PruneConfig(method="sparsegpt", sparsegpt_arithmetic="reference", seqlen=64).effective_batch_size == 1
+    assert PruneConfig(method="wanda", sparsegpt_arithmetic="reference", seqlen=64).effective_batch_size == 32

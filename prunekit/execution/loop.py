@@ -275,7 +275,7 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
     run = BlockLoop(model, config, adapter or adapter_for(model.config.model_type), log, disk, checkpoint)
     if run.needs_inputs and samples is None and inputs is None:
         raise PrunekitError(f"method {config.method} needs calibration data: pass --calib")
-    if distributed.world()[1] > 1 and config.sparsegpt_arithmetic == "reference":
+    if distributed.world()[1] > 1 and config.method == "sparsegpt" and config.sparsegpt_arithmetic == "reference":
         raise PrunekitError("--sparsegpt-arithmetic reference reproduces the reference's float32 order in one "
                             "process: run it without torchrun, or use the fast arithmetic")
     if samples is not None:
