@@ -98,3 +98,11 @@ def test_reference_arithmetic_refuses_a_batch_size():
         PruneConfig(method="sparsegpt", sparsegpt_arithmetic="exact")
     assert PruneConfig(method="sparsegpt", sparsegpt_arithmetic="reference", seqlen=64).effective_batch_size == 1
     assert PruneConfig(method="wanda", sparsegpt_arithmetic="reference", seqlen=64).effective_batch_size == 32
+
+
+def test_reference_arithmetic_refuses_several_processes(samples, monkeypatch):
+    from prunekit.execution import distributed
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    with pytest.raises(PrunekitError, match="reference's float32 order in one process: run it without torchrun"):
+        prune(tiny_model("llama"), PruneConfig(method="sparsegpt", nsamples=8, seqlen=32, device="cpu",
+                                               sparsegpt_arithmetic="reference"), samples)
