@@ -90,7 +90,7 @@ class PruneConfig:
             raise PrunekitError(f"--save-format {self.save_format!r} is not dense or bitmask")
         if self.sparsegpt_arithmetic not in ("fast", "reference"):
             raise PrunekitError(f"--sparsegpt-arithmetic {self.sparsegpt_arithmetic!r} is not fast or reference")
-        if self.method == "sparsegpt" and self.sparsegpt_arithmetic == "reference" and self.batch_size not in (None, 1):
+        if self.sparsegpt_reference and self.batch_size not in (None, 1):
             raise PrunekitError("--sparsegpt-arithmetic reference runs one sequence per pass, as the reference "
                                 f"does: drop --batch-size {self.batch_size}")
         if self.esd_dtype not in ESD_DTYPES:
@@ -121,8 +121,13 @@ class PruneConfig:
         return parse_pattern(self.pattern)
 
     @property
+    def sparsegpt_reference(self) -> bool:
+        """SparseGPT in the reference's arithmetic (--sparsegpt-arithmetic reference)."""
+        return self.method == "sparsegpt" and self.sparsegpt_arithmetic == "reference"
+
+    @property
     def effective_batch_size(self) -> int:
-        if self.method == "sparsegpt" and self.sparsegpt_arithmetic == "reference":
+        if self.sparsegpt_reference:
             return 1
         return self.batch_size or max(1, 2048 // self.seqlen)
 

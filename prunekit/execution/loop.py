@@ -242,11 +242,11 @@ def plan_for(model, adapter, config, compute, scorer, shape, disk: bool = False,
 
     def sizes(dtype):
         return placement_sizes(model, adapter, config, compute, scorer, shape, dtype)
-    if storage is None and compute.adjustable:
+    if storage is None and Compute.storage_is_planned(config, compute.device):
         plan = plan_storage(sizes(torch.float32), sizes(compute.dtype), offload)
     else:
         plan = plan_placement(sizes(storage or compute.storage), offload)
-    compute.store, compute.adjustable = DTYPES[plan.storage_dtype], False
+    compute.store = DTYPES[plan.storage_dtype]
     return plan
 
 
@@ -275,7 +275,7 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
     run = BlockLoop(model, config, adapter or adapter_for(model.config.model_type), log, disk, checkpoint)
     if run.needs_inputs and samples is None and inputs is None:
         raise PrunekitError(f"method {config.method} needs calibration data: pass --calib")
-    if distributed.world()[1] > 1 and config.method == "sparsegpt" and config.sparsegpt_arithmetic == "reference":
+    if distributed.world()[1] > 1 and config.sparsegpt_reference:
         raise PrunekitError("--sparsegpt-arithmetic reference reproduces the reference's float32 order in one "
                             "process: run it without torchrun, or use the fast arithmetic")
     if samples is not None:

@@ -61,20 +61,22 @@ class Compute:
     device: torch.device
     dtype: torch.dtype
     store: torch.dtype | None = None  # storage dtype of block inputs/outputs; None: the compute dtype
-    adjustable: bool = False          # --activation-dtype auto: the placement plan may lower `store` to `dtype`
 
     @classmethod
     def from_config(cls, config) -> "Compute":
         """The passes' precision. Block inputs/outputs are stored in float32 unless --activation-dtype
-        says otherwise; with `auto` and a low compute dtype (statistics passes included) the placement
-        plan lowers them to the compute dtype where they would travel (see plan_storage)."""
+        says otherwise; where `storage_is_planned`, the placement plan may lower them to the compute
+        dtype (see plan_storage)."""
         device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
-        stats = resolve_dtype(config.stats_dtype or config.dtype, device)
-        choice = getattr(config, "activation_dtype", "auto")
-        if choice != "auto":
-            return cls(device, dtype, DTYPES[choice])
-        return cls(device, dtype, torch.float32, adjustable=torch.float32 not in (dtype, stats))
+        store = torch.float32 if config.activation_dtype == "auto" else DTYPES[config.activation_dtype]
+        return cls(device, resolve_dtype(config.dtype, device), store)
+
+    @staticmethod
+    def storage_is_planned(config, device: torch.device) -> bool:
+        """--activation-dtype auto with every pass in a low dtype (statistics passes included): the
+        placement plan chooses float32 or the compute dtype for the block inputs."""
+        passes = {resolve_dtype(config.dtype, device), resolve_dtype(config.stats_dtype or config.dtype, device)}
+        return config.activation_dtype == "auto" and torch.float32 not in passes
 
     @classmethod
     def for_stats(cls, config) -> "Compute":

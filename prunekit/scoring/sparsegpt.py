@@ -22,12 +22,8 @@ class SparseGPT(Scorer):
     blocksize = 128
     percdamp = 0.01
 
-    @property
-    def reference(self) -> bool:
-        return getattr(self.config, "sparsegpt_arithmetic", "fast") == "reference"
-
     def gram(self, norm_fed: bool) -> bool | str:
-        return "running" if self.reference else True
+        return "running" if self.config.sparsegpt_reference else True
 
     def scores(self, weight, stats, norm_fed):  # what the unstructured mask of a block ranks
         raise NotImplementedError("SparseGPT chooses its mask inside the column loop: use prune()")
@@ -35,11 +31,11 @@ class SparseGPT(Scorer):
     def prune(self, weight, stats, sparsity, nm, norm_fed) -> LinearPrune:
         factor = stats.derived.get("sparsegpt")
         if factor is None:  # once per distinct input: q/k/v and gate/up share it
-            factor = reference_inverse_factor(stats.xtx, self.percdamp) if self.reference else \
+            factor = reference_inverse_factor(stats.xtx, self.percdamp) if self.config.sparsegpt_reference else \
                 sparsegpt_inverse_factor(sparsegpt_hessian(stats.xtx, stats.nseq), self.percdamp)
             stats.derived["sparsegpt"] = factor
             stats.xtx = None  # the Hessian is consumed; free its memory
-        if self.reference:
+        if self.config.sparsegpt_reference:
             result = sparsegpt_prune_reference(weight, factor, sparsity, nm, self.blocksize)
         else:
             result = sparsegpt_prune(weight, None, sparsity, nm, self.blocksize, self.percdamp, factor=factor)
