@@ -105,13 +105,34 @@ def _upper_chol_of_inverse(h_rev: torch.Tensor) -> torch.Tensor | None:
     return upper
 
 
+def _check_finite(hessian: torch.Tensor) -> None:
+    if not torch.isfinite(hessian.sum()):  # one reduction; NaN and inf propagate into the sum
+        raise PrunekitError("NaN/inf in the SparseGPT Hessian (calibration activations overflowed): "
+                            "try --dtype float32 or check the model weights")
+
+
+def _not_positive_definite(max_damp_tries: int, damp: float, percdamp: float) -> PrunekitError:
+    return PrunekitError(
+        f"SparseGPT Hessian is not positive definite even with its damping raised 10x "
+        f"{max_damp_tries} times (to {damp:.3g}, from percdamp {percdamp}): use more calibration "
+        f"samples or a larger percdamp")
+
+
+def _check_pattern(cols: int, sparsity: float, nm: tuple[int, int] | None, blocksize: int) -> None:
+    if nm is not None:
+        n, m = nm
+        if cols % m or blocksize % m or not 0 <= n <= m:
+            raise ValueError(f"SparseGPT {n}:{m} needs in_features ({cols}) and blocksize ({blocksize}) "
+                             f"divisible by {m}, and 0 <= N <= M")
+    elif not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+
+
 def sparsegpt_inverse_factor(hessian: torch.Tensor, percdamp: float = 0.01,
                              max_damp_tries: int = 4) -> InverseFactor:
     """Hinv = chol_upper((H + lambda I)^-1), lambda = percdamp * mean(diag H), after setting H_dd = 1 for
     every dead input d (diag H == 0). On failure lambda grows 10x, up to max_damp_tries times."""
-    if not torch.isfinite(hessian.sum()):  # one reduction; NaN and inf propagate into the sum
-        raise PrunekitError("NaN/inf in the SparseGPT Hessian (calibration activations overflowed): "
-                            "try --dtype float32 or check the model weights")
+    _check_finite(hessian)
     # Our own copy, reversed for _upper_chol_of_inverse; its diagonal is diag(H) reversed.
     h_rev = hessian.detach().to(torch.float32).flip(0, 1)
     diag = h_rev.diagonal()
@@ -125,10 +146,7 @@ def sparsegpt_inverse_factor(hessian: torch.Tensor, percdamp: float = 0.01,
         hinv = _upper_chol_of_inverse(h_rev)
         if hinv is not None:
             return InverseFactor(hinv, dead_rev.flip(0), damp, retries)
-    raise PrunekitError(
-        f"SparseGPT Hessian is not positive definite even with its damping raised 10x "
-        f"{max_damp_tries} times (to {damp:.3g}, from percdamp {percdamp}): use more calibration "
-        f"samples or a larger percdamp")
+    raise _not_positive_definite(max_damp_tries, damp, percdamp)
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None, sparsity: float,
@@ -145,14 +163,10 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None, sparsity
     """
     rows, cols = weight.shape
     step = _STEP
+    _check_pattern(cols, sparsity, nm, blocksize)
     if nm is not None:
         n, m = nm
-        if cols % m or blocksize % m or not 0 <= n <= m:
-            raise ValueError(f"SparseGPT {n}:{m} needs in_features ({cols}) and blocksize ({blocksize}) "
-                             f"divisible by {m}, and 0 <= N <= M")
         step = max(m, step - step % m)  # a group's columns all in one sub-block, all updated when masked
-    elif not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
     if factor is None:
         if hessian is None:
             raise ValueError("sparsegpt_prune needs the Hessian or a precomputed factor")
@@ -219,9 +233,7 @@ def reference_inverse_factor(hessian: torch.Tensor, percdamp: float = 0.01, max_
     """Hinv as the reference computes it: H_dd = 1 for dead inputs, H += percdamp * mean(diag H) * I,
     then chol_upper(cholesky_inverse(chol(H))), each step the reference's float32 operation. A failed
     factorisation retries with 10x the damping, as sparsegpt_inverse_factor does."""
-    if not torch.isfinite(hessian.sum()):
-        raise PrunekitError("NaN/inf in the SparseGPT Hessian (calibration activations overflowed): "
-                            "try --dtype float32 or check the model weights")
+    _check_finite(hessian)
     h = hessian.detach().to(torch.float32, copy=True)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
@@ -237,10 +249,7 @@ def reference_inverse_factor(hessian: torch.Tensor, percdamp: float = 0.01, max_
             hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
             if info.item() == 0:
                 return InverseFactor(hinv, dead, float(damp), retries)
-    raise PrunekitError(
-        f"SparseGPT Hessian is not positive definite even with its damping raised 10x "
-        f"{max_damp_tries} times (to {float(damp):.3g}, from percdamp {percdamp}): use more calibration "
-        f"samples or a larger percdamp")
+    raise _not_positive_definite(max_damp_tries, float(damp), percdamp)
 
 
 def sparsegpt_prune_reference(weight: torch.Tensor, factor: InverseFactor, sparsity: float,
@@ -250,9 +259,7 @@ def sparsegpt_prune_reference(weight: torch.Tensor, factor: InverseFactor, spars
     k-th smallest (k + 1 weights and ties, k = int(numel * sparsity)); N:M as sparsegpt_prune."""
     w = weight.detach().to(torch.float32, copy=True)
     rows, cols = w.shape
-    if nm is not None and (cols % nm[1] or blocksize % nm[1]):
-        raise ValueError(f"SparseGPT {nm[0]}:{nm[1]} needs in_features ({cols}) and blocksize ({blocksize}) "
-                         f"divisible by {nm[1]}")
+    _check_pattern(cols, sparsity, nm, blocksize)
     hinv = factor.hinv
     w[:, factor.dead] = 0
     mask = torch.zeros_like(w, dtype=torch.bool)
