@@ -37,7 +37,7 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import markdown, meta, orderings, protocol, write_results  # noqa: E402
+from common import markdown, meta, orderings, protocol, spread, write_results  # noqa: E402
 
 from prunekit.execution import loop, precision  # noqa: E402
 from prunekit import PruneConfig, prune  # noqa: E402
@@ -161,10 +161,10 @@ def ordering_summary(rows: list[dict]) -> list[dict]:
     for label in dict.fromkeys(r["run"] for r in rows):
         means = {}
         for dtype in ("float32", "bfloat16"):
-            p = torch.tensor([r["ppl"] for r in rows if r["run"] == label and r["dtype"] == dtype], dtype=torch.float64)
-            means[dtype] = p.mean().item()
-            out.append({"run": label, "dtype": dtype, "draws": len(p), "mean": means[dtype],
-                        "sd": p.std().item() if len(p) > 1 else 0.0, "min": p.min().item(), "max": p.max().item(),
+            ppl = [r["ppl"] for r in rows if r["run"] == label and r["dtype"] == dtype]
+            stats = spread(ppl)
+            means[dtype] = stats["mean"]
+            out.append({"run": label, "dtype": dtype, "draws": len(ppl), **stats,
                         "vs float32": means[dtype] / means["float32"] - 1})
     return out
 

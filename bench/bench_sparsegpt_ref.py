@@ -45,9 +45,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import markdown, meta, orderings, protocol  # noqa: E402
+from common import markdown, meta, orderings, protocol, spread  # noqa: E402
 
 from prunekit import PruneConfig, prune  # noqa: E402
+from prunekit.config import parse_pattern  # noqa: E402
 from prunekit.evaluate import perplexity  # noqa: E402
 from prunekit.execution import Compute  # noqa: E402
 from prunekit.loading import load  # noqa: E402
@@ -198,29 +199,31 @@ def agreement(a, b):
                        "mean": sum(per_layer.values()) / len(per_layer), "overall": overall}
 
 
+def run_impl(model, adapter, samples, windows, compute, impl, pattern):
+    """One implementation on a fresh copy of `model`: the pruned copy, its masks, prune seconds, ppl.
+    impl: "reference-style", "prunekit", or "prunekit, reference arithmetic"."""
+    net = copy.deepcopy(model)
+    t = time.perf_counter()
+    if impl.startswith("prunekit"):
+        masks, _ = prunekit_prune(net, adapter, samples, pattern=pattern,
+                                  arithmetic="reference" if "reference" in impl else "fast")
+    else:
+        masks = ref_prune(net, adapter, samples, nm=parse_pattern(pattern))
+    seconds = time.perf_counter() - t
+    ppl = perplexity(net, windows, compute, desc=impl)["ppl"]
+    print(f"{impl}: ppl {ppl:.3f}, {seconds:.1f} s", flush=True)
+    return net, masks, seconds, ppl
+
+
 def orders(model, adapter, samples, windows, compute, k, threads, pattern):
     """Both implementations on k orderings of the calibration sequences (the first: as given)."""
-    nm = tuple(int(v) for v in pattern.split(":")) if ":" in pattern else None
     rows = []
     for order, perm in orderings(samples.shape[0], k):
         for impl in ("reference-style", "prunekit"):
-            net = copy.deepcopy(model)
-            t = time.perf_counter()
-            if impl == "prunekit":
-                prunekit_prune(net, adapter, samples[perm], pattern=pattern)
-            else:
-                ref_prune(net, adapter, samples[perm], nm=nm)
-            seconds = time.perf_counter() - t
-            ppl = perplexity(net, windows, compute, desc=impl)["ppl"]
+            _, _, seconds, ppl = run_impl(model, adapter, samples[perm], windows, compute, impl, pattern)
             rows.append({"threads": threads, "pattern": pattern, "order": order, "impl": impl, "ppl": ppl,
                          "prune_seconds": seconds})
-            print(f"order {order} {impl}: ppl {ppl:.3f}, {seconds:.1f} s", flush=True)
-            del net
-    summary = {}
-    for impl in ("reference-style", "prunekit"):
-        p = torch.tensor([r["ppl"] for r in rows if r["impl"] == impl], dtype=torch.float64)
-        summary[impl] = {"mean": p.mean().item(), "sd": p.std().item() if k > 1 else 0.0,
-                         "min": p.min().item(), "max": p.max().item()}
+    summary = {impl: spread(r["ppl"] for r in rows if r["impl"] == impl) for impl in ("reference-style", "prunekit")}
     ref, ours = summary["reference-style"], summary["prunekit"]
     summary["prunekit_vs_reference_mean"] = ours["mean"] / ref["mean"] - 1
     print(markdown([{"impl": i, **summary[i]} for i in ("reference-style", "prunekit")],
@@ -245,7 +248,7 @@ def main():
     if args.check:
         return
     threads = torch.get_num_threads()
-    nm = tuple(int(v) for v in args.pattern.split(":")) if ":" in args.pattern else None
+    nm = parse_pattern(args.pattern)
     key = str(threads) if nm is None else f"{args.pattern} t{threads}"  # results key, mask file tag
     model, tokenizer, adapter, _ = load("smollm2-135m")
     assert all(p.dtype == torch.float32 for p in model.parameters())  # GGUF, dequantized to float32
@@ -261,19 +264,10 @@ def main():
     rows, masks, weights = [], {}, {}
     impls = ["reference-style", "prunekit"] + (["prunekit, reference arithmetic"] if args.reference_arithmetic else [])
     for impl in impls:
-        net = copy.deepcopy(model)
-        t = time.perf_counter()
-        if impl.startswith("prunekit"):
-            masks[impl], _ = prunekit_prune(net, adapter, samples, pattern=args.pattern,
-                                            arithmetic="reference" if "reference" in impl else "fast")
-        else:
-            masks[impl] = ref_prune(net, adapter, samples, nm=nm)
-        seconds = time.perf_counter() - t
-        ppl = perplexity(net, windows, compute, desc=impl)["ppl"]
+        net, masks[impl], seconds, ppl = run_impl(model, adapter, samples, windows, compute, impl, args.pattern)
         pruned = sum(m.sum().item() for m in masks[impl].values()) / sum(m.numel() for m in masks[impl].values())
         rows.append({"threads": threads, "pattern": args.pattern, "impl": impl, "ppl": ppl, "prune_seconds": seconds,
                      "sparsity": pruned})
-        print(f"{impl}: ppl {ppl:.3f}, {seconds:.1f} s", flush=True)
         if impl != "prunekit":
             weights[impl] = {n: p.detach().clone() for n, p in net.named_parameters()}
         del net

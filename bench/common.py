@@ -31,6 +31,13 @@ def orderings(n: int, k: int):
         yield order, torch.arange(n) if order == 0 else torch.randperm(n, generator=torch.Generator().manual_seed(order))
 
 
+def spread(values) -> dict:
+    """Mean, sample standard deviation (0 for one value), min and max of a list of figures."""
+    p = torch.tensor(list(values), dtype=torch.float64)
+    return {"mean": p.mean().item(), "sd": p.std().item() if len(p) > 1 else 0.0,
+            "min": p.min().item(), "max": p.max().item()}
+
+
 def rss_mib() -> float:
     with open("/proc/self/status") as f:
         for line in f:
