@@ -166,10 +166,13 @@ def test_cuda_bf16_run_keeps_activations_on_the_device(samples):
     assert next(model.parameters()).device.type == "cpu"  # back where it came from
 
 
-def test_streamer_prefetches_on_its_worker_thread(samples, monkeypatch):
-    """The `stream` plan's control flow on the CPU, CUDA's calls replaced by stand-ins: each block is
-    pinned on the prefetch worker (never on the main thread), every block is pinned once per pass,
-    and the pruned model equals the unstreamed run's."""
+@pytest.mark.parametrize("offload, uploads, method", [("weights", 2, "wanda"), ("none", 1, "wanda"), ("none", 1, "stade")])
+def test_streamer_copies_on_its_worker_thread(samples, monkeypatch, offload, uploads, method):
+    """The streamer's control flow on the CPU, CUDA's calls replaced by stand-ins and its two copies
+    by clones: every copy runs on the worker thread (never on the main thread); with OWL's dense pass
+    first, plan `stream` uploads each block once per pass and plan `device` once per prune; each
+    pruned block is copied back once, into the very host tensors it came from; and the pruned model
+    equals the unstreamed run's. STADE adds biases to blocks already on the device: they come back too."""
     import contextlib
     import threading
 
@@ -182,12 +185,15 @@ def test_streamer_prefetches_on_its_worker_thread(samples, monkeypatch):
         def __getattr__(self, name):
             return lambda *args, **kwargs: None
 
-    pinned = []
-    original_pin = torch.Tensor.pin_memory
+    calls = {"up": [], "down": []}
 
-    def pin(self, *args, **kwargs):
-        pinned.append(threading.current_thread().name)
-        return self.clone()
+    def up(self, host):
+        calls["up"].append((threading.current_thread().name, host.data_ptr()))
+        return host.clone()
+
+    def down(self, dev, host):
+        calls["down"].append((threading.current_thread().name, host.data_ptr()))
+        host.copy_(dev)
 
     for name in ("Stream", "Event"):
         monkeypatch.setattr(torch.cuda, name, Fake)
@@ -196,22 +202,30 @@ def test_streamer_prefetches_on_its_worker_thread(samples, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", lambda *a: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: None)
-    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
     init = streaming.BlockStreamer.__init__
 
     def active_init(self, blocks, device, plan):
         init(self, blocks, device, plan)
-        assert plan.streams_weights and not self.active  # the CPU: nothing to stream, until told
+        assert not self.active  # the CPU: nothing to stream, until told
         self.active, self.side = True, Fake()
-        self.worker = streaming.ThreadPoolExecutor(1, thread_name_prefix="prunekit-prefetch")
-    monkeypatch.setattr(streaming.BlockStreamer, "__init__", active_init)
-    config = dict(method="wanda", nsamples=8, seqlen=32, dtype="float32", device="cpu")
+        self.worker = streaming.ThreadPoolExecutor(1, thread_name_prefix="prunekit-copies")
+    config = dict(method=method, nsamples=8, seqlen=32, dtype="float32", device="cpu", allocation="owl")
     streamed = tiny_model("llama")
-    prune(streamed, PruneConfig(offload="weights", **config), samples)
-    monkeypatch.setattr(torch.Tensor, "pin_memory", original_pin)
-    monkeypatch.setattr(streaming.BlockStreamer, "__init__", init)
+    storage = {name: p.data_ptr() for name, p in streamed.named_parameters()}
+    before = len(list(streamed.model.layers[0].parameters())) + len(list(streamed.model.layers[0].buffers()))
+    with monkeypatch.context() as patch:
+        patch.setattr(streaming.BlockStreamer, "__init__", active_init)
+        patch.setattr(streaming.BlockStreamer, "_up", up)
+        patch.setattr(streaming.BlockStreamer, "_down", down)
+        prune(streamed, PruneConfig(offload=offload, **config), samples)
     plain = tiny_model("llama")
-    prune(plain, PruneConfig(offload="none", **config), samples)
-    per_block = len(list(streamed.model.layers[0].parameters())) + len(list(streamed.model.layers[0].buffers()))
-    assert len(pinned) == 2 * per_block and all(n.startswith("prunekit-prefetch") for n in pinned)
+    prune(plain, PruneConfig(offload=offload, **config), samples)
+    blocks = streamed.model.layers
+    after = len(list(blocks[0].parameters())) + len(list(blocks[0].buffers()))
+    assert (after > before) == (method == "stade")
+    assert len(calls["up"]) == uploads * before * len(blocks)
+    assert len(calls["down"]) == after * len(blocks)
+    assert all(thread.startswith("prunekit-copies") for kind in calls.values() for thread, _ in kind)
+    assert sorted(h for _, h in calls["down"]) == sorted(t.data_ptr() for b in blocks for t in [*b.parameters(), *b.buffers()])
+    assert storage.items() <= {name: p.data_ptr() for name, p in streamed.named_parameters()}.items()
     assert all(torch.equal(a, b) for a, b in zip(streamed.state_dict().values(), plain.state_dict().values()))

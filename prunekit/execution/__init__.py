@@ -3,7 +3,7 @@
 precision.py  devices and dtypes (Compute: the precision context of every pass)
 placement.py  the placement plan, a pure function of sizes
 passes.py     input capture, one pass of a block, statistics hooks, the activation buffer
-streaming.py  block weights visiting the device (all at once, or streamed from pinned memory)
+streaming.py  block weights visiting the GPU: copied up and back by a worker thread
 loop.py       the block loop: statistics, masks, pruned pass, per block
 """
 from .loop import AllocationContext, PruneReport, check_prunable, prune, unsavable_biases  # noqa: F401

@@ -263,6 +263,9 @@ class DiskBlocks:
         self.blocks[i].to("meta")
         _trim_heap()
 
+    def close(self) -> None:
+        """Nothing runs in the background here (the loop's counterpart of BlockStreamer.close)."""
+
     def finish(self) -> None:
         if self.writer is not None:
             self.writer.finish()

@@ -29,7 +29,7 @@ from .disk import DiskBlocks
 from .passes import Activations, ErrorMeter, Scratch, capture_block_inputs, collect_stats, run_block
 from .placement import Plan, Sizes, plan_placement, plan_storage
 from .precision import DTYPES, Compute, dtype_name
-from .streaming import BlockStreamer, model_on_device
+from .streaming import BlockStreamer
 
 
 class Phases:
@@ -290,13 +290,15 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
     if disk is not None and run.plan.activations == "scratch":
         run.scratch = Scratch(disk.scratch_dir)
     try:
-        with model_on_device(model, run.compute.device, run.plan, run.phases):
-            run.prepare(samples, inputs)
-            for i, block in enumerate(tqdm(run.blocks, desc=f"pruning ({config.method})")):
-                if i >= run.start:
-                    run.prune_block(i, block)
+        run.prepare(samples, inputs)
+        for i, block in enumerate(tqdm(run.blocks, desc=f"pruning ({config.method})")):
+            if i >= run.start:
+                run.prune_block(i, block)
+        with run.phases.host("weights out (host)"):
             run.streamer.finish()
     finally:
+        if run.streamer is not None:
+            run.streamer.close()
         if run.scratch is not None:
             run.scratch.cleanup()
     run.summarise()
@@ -318,7 +320,7 @@ class BlockLoop:
         self.needs_inputs = self.scorer.needs_stats or needs_data(config.allocation)
         self.phases = Phases(self.compute.device)
         self.report = PruneReport()
-        self.scratch, self.plan, self.acts, self.dense = None, None, None, None
+        self.scratch, self.plan, self.acts, self.dense, self.streamer = None, None, None, None, None
         self.counts, self.errors, self.start = [], [], 0
 
     def prepare(self, samples, inputs) -> None:
@@ -335,6 +337,9 @@ class BlockLoop:
                     scratch=self.scratch)
         self.start = self.checkpoint.done if self.checkpoint is not None else 0
         if not self.start:
+            if config.allocation != "uniform" and self.disk is None:
+                with self.phases.host("weights in (host)"):
+                    self.streamer.install_all()  # plan `device`: the allocation sees every weight there
             ctx = AllocationContext(model, adapter, config, self.compute, self.acts, self.streamer)
             with self.phases("allocation"):
                 self.alloc = allocate(config.allocation, ctx)
@@ -353,6 +358,8 @@ class BlockLoop:
                 self.checkpoint.write_finished(self.streamer)
         if config.record_error and self.acts is not None:
             self.dense = self.acts.clone()
+        if self.disk is None:
+            self.streamer.start(self.start)
 
     def prune_block(self, i: int, block: nn.Module) -> None:
         """Statistics pass, masks (once, on rank 0), pruned pass making the next block's inputs."""

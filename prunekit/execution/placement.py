@@ -3,9 +3,10 @@
 Decided once, before any work, from sizes known up front; a pure function, so it is tested with
 given sizes. The plans, fastest first:
 
-  device  weights and activations on the compute device;
-  stream  weights on the host (pinned), each block copied up on a side stream while the one before
-          it computes; activations on the device;
+  device  weights and activations on the compute device (the blocks copied up as the first ones
+          compute, each copied back once pruned);
+  stream  weights on the host, each block copied up on a side stream while the one before it
+          computes (streaming.BlockStreamer); activations on the device;
   offload activations on the host too (pinned, in the storage dtype), copied up a batch at a time
           with the next batch in flight.
 
@@ -48,7 +49,7 @@ class Sizes:
 @dataclass(frozen=True)
 class Plan:
     name: str             # device | stream | offload
-    weights: str          # where the block weights live between passes: cuda, cpu (pinned) or cpu
+    weights: str          # where the block weights live between passes: cuda or cpu
     activations: str      # where block inputs/outputs live: cuda or cpu
     activation_bytes: int
     device_bytes: int     # planned peak on the device (0 on the CPU)
