@@ -9,6 +9,7 @@ writes bench/results/esd.json. On a shared CPU, OMP_NUM_THREADS=1 gives steadier
     python bench/bench_esd.py                                  # SmolLM2-135M on the CPU
     python bench/bench_esd.py --random 7b --layers 2 --device cuda   # LLaMA-7B-shaped random weights
     python bench/bench_esd.py --random small --layers 2        # the same on a CPU, small shapes
+    python bench/bench_esd.py --random 7b --layers 2 --device cuda --streams 1 2 4   # eigensolves at once
 """
 from __future__ import annotations
 
@@ -80,6 +81,8 @@ def main():
     ap.add_argument("--weights-on", default="cpu", help="where the random weights live (cpu or the device)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precisions", nargs="+", default=["float64", "float32"])
+    ap.add_argument("--streams", type=int, nargs="+", default=[1],
+                    help="eigensolves in flight at once to time (1 = one after the other; CUDA streams on a GPU)")
     ap.add_argument("--svd32", action="store_true", help="also float32 svdvals (the reference's own path)")
     ap.add_argument("--skip-byte-key", action="store_true", help="do not time the old blake2b key")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "esd.json"))
@@ -111,15 +114,19 @@ def main():
     ref = alphas(ref_eigs)
     runs = {"float64": (ref_eigs, ref_seconds)}
     for precision in args.precisions:
-        if precision not in runs:
-            runs[precision] = timed(esd_eigenvalues_batched, weights, precision, args.device)
+        for streams in args.streams:
+            label = precision if streams == 1 else f"{precision}, {streams} streams"
+            if label not in runs:
+                runs[label] = timed(lambda *a: esd_eigenvalues_batched(*a, streams=streams), weights, precision,
+                                    args.device)
     if args.svd32:
         runs["svdvals float32"] = timed(svd_eigenvalues, weights, args.device)
 
     rows = []
     for precision, (eigs, seconds) in runs.items():
         delta = (alphas(eigs) - ref).abs()
-        auto_for = " ".join(m for m in ("alpha_peak", "alpha_mid") if resolve_precision("auto", m) == precision)
+        auto_for = " ".join(m for m in ("alpha_peak", "alpha_mid")
+                            if resolve_precision("auto", m) == precision.split(",")[0])
         rows.append({"precision": precision, "max_dpeak": delta[:, 0].max().item(),
                      "max_dmid": delta[:, 1].max().item(), "over_1e3": int((delta.amax(1) > 1e-3).sum()),
                      "auto_for": auto_for or None, "esd_seconds": seconds, "key_seconds": key_seconds,

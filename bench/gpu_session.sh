@@ -8,6 +8,8 @@
 #   bash bench/gpu_session.sh prune   # the pruning benchmarks (~8.5 min on an H200)
 #   bash bench/gpu_session.sh speed   # the 2:4 speed benchmarks (~5 min)
 #   bash bench/gpu_session.sh storage # float32 vs bf16 block inputs, Wanda 50 % and 2:4 (~3 min)
+#   bash bench/gpu_session.sh next    # what changed since the last GPU run, first (~8 min): the plans'
+#                                     # equality on the GPU, the worker-thread weight copies, ESD streams
 #   bash bench/gpu_session.sh         # both
 set -u
 cd "$(dirname "$0")/.."
@@ -32,6 +34,21 @@ if [ "${1:-}" = smoke ]; then
 fi
 
 part=${1:-all}
+if [ "$part" = next ]; then
+  # correctness first: on the GPU every plan gives the same model (the worker's weight copies, biases
+  # added on the device included), and the CUDA-only tests
+  step 90 $PY -m pytest -q -p no:cacheprovider tests/test_placement.py tests/test_speed.py -k "cuda or every_plan or streamer"
+  # ESD: 1, 2 and 4 eigensolves in flight at once (CUDA streams), 4 blocks of 7B shape
+  step 60 $PY bench/bench_esd.py --random 7b --layers 4 --device cuda --precisions float64 --streams 1 2 4 \
+    --skip-byte-key --out "$OUT/esd_streams.json"
+  # Wanda 50 % under each plan with the worker-thread weight copies, and the floor
+  step 170 $PY bench/bench_gpu.py --shape 7b --runs wanda --offload auto weights cpu --out "$OUT/gpu_wanda_copies.json"
+  # AlphaPruning on top of Wanda, the whole model (ESD of 224 matrices, CUDA_ESD_STREAMS at once)
+  step 110 $PY bench/bench_gpu.py --shape 7b --no-floor --runs "wanda alpha" --out "$OUT/gpu_alpha.json"
+  # float32 (auto) against bf16 block inputs, Wanda 50 %
+  step 110 $PY bench/bench_gpu.py --shape 7b --no-floor --runs wanda --activation-dtype bfloat16 --out "$OUT/gpu_storage.json"
+  exit 0
+fi
 if [ "$part" = all ] || [ "$part" = prune ]; then
   # issue 9: Wanda 50 % under each placement plan, and the eager floor
   step 160 $PY bench/bench_gpu.py --shape 7b --runs wanda --offload auto weights cpu --out "$OUT/gpu_wanda.json"

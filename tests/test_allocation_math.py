@@ -75,11 +75,12 @@ def _per_matrix_float64(w):
     return torch.linalg.eigvalsh(w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w).clamp_min(0)
 
 
-@pytest.mark.parametrize("max_bytes", [1 << 31, 1])  # everything of one shape in one stack; one matrix per stack
-def test_esd_eigenvalues_batched_matches_per_matrix(max_bytes):
+# everything of one shape in one stack; one matrix per stack; three threads at once (CUDA streams on a GPU)
+@pytest.mark.parametrize("max_bytes, streams", [(1 << 31, 1), (1, 1), (1, 3)])
+def test_esd_eigenvalues_batched_matches_per_matrix(max_bytes, streams):
     ws = _mixed_weights()
-    f64 = esd_eigenvalues_batched(ws, "float64", "cpu", max_bytes)
-    f32 = esd_eigenvalues_batched(ws, "float32", "cpu", max_bytes)
+    f64 = esd_eigenvalues_batched(ws, "float64", "cpu", max_bytes, streams)
+    f32 = esd_eigenvalues_batched(ws, "float32", "cpu", max_bytes, streams)
     for w, a, b in zip(ws, f64, f32):
         exact = _per_matrix_float64(w)
         for e in (a, b):

@@ -100,6 +100,9 @@ def weights_key(named_weights: list[tuple[str, torch.Tensor]], extra: str = "") 
     return h.hexdigest()
 
 
+CUDA_ESD_STREAMS = 4  # eigensolves in flight at once on a GPU (bench/bench_esd.py --streams compares)
+
+
 def block_weights(model, adapter) -> list[tuple[str, torch.Tensor]]:
     return [(f"{adapter.blocks_path}.{i}.{name}", adapter.weight(module))
             for i, block in enumerate(adapter.blocks(model))
@@ -107,12 +110,15 @@ def block_weights(model, adapter) -> list[tuple[str, torch.Tensor]]:
 
 
 def model_spectra(model, adapter, device: torch.device | str = "cpu", use_cache: bool = True,
-                  precision: str = "float64", lazy_weights=None, lazy_key: str | None = None) -> dict:
+                  precision: str = "float64", lazy_weights=None, lazy_key: str | None = None,
+                  streams: int | None = None) -> dict:
     """Eigenvalues (ascending, float64, CPU) of every prunable weight, {full name: tensor}, the seconds
     spent computing them (0 on a cache hit) and the seconds spent on the cache key.
     precision: "float64" or "float32" (esd_precision picks one from PruneConfig.esd_dtype).
     lazy_weights: a callable yielding (name, weight) one at a time (blocks on disk), with `lazy_key`
-    identifying the checkpoint; the weights are then read, and eigen-solved, one by one."""
+    identifying the checkpoint; the weights are then read, and eigen-solved, one by one.
+    streams: eigensolves at once (esd_eigenvalues_batched); default CUDA_ESD_STREAMS on a GPU, 1 on
+    the CPU (whose LAPACK already uses every core for one)."""
     precision = esd_precision(precision, "alpha_peak")  # validated before any work; "auto" -> float64
     weights = None if lazy_weights is not None else block_weights(model, adapter)
     start = time.perf_counter()
@@ -122,9 +128,11 @@ def model_spectra(model, adapter, device: torch.device | str = "cpu", use_cache:
     if path and os.path.exists(path):
         return {"eigs": torch.load(path), "seconds": 0.0, "cached": True, "key_seconds": key_seconds}
     start = time.perf_counter()
+    if streams is None:
+        streams = CUDA_ESD_STREAMS if torch.device(device).type == "cuda" else 1
     if weights is not None:
         eigs = dict(zip([name for name, _ in weights],
-                        esd_eigenvalues_batched([w for _, w in weights], precision, device)))
+                        esd_eigenvalues_batched([w for _, w in weights], precision, device, streams=streams)))
     else:
         eigs = {name: esd_eigenvalues_batched([w], precision, device)[0] for name, w in lazy_weights()}
     seconds = time.perf_counter() - start

@@ -72,7 +72,8 @@ def esd_eigenvalues(weight: torch.Tensor, precision: str = "float64") -> torch.T
 
 
 def esd_eigenvalues_batched(weights: list[torch.Tensor], precision: str = "float64",
-                            device: torch.device | str = "cpu", max_bytes: int = 1 << 31) -> list[torch.Tensor]:
+                            device: torch.device | str = "cpu", max_bytes: int = 1 << 31,
+                            streams: int = 1) -> list[torch.Tensor]:
     """[esd_eigenvalues(w) for w in weights], computed on `device` a stack of equal shapes at a time.
 
     Weights of one shape (on any device, in any dtype) are copied one by one into a (b, rows, cols)
@@ -80,6 +81,9 @@ def esd_eigenvalues_batched(weights: list[torch.Tensor], precision: str = "float
     under ~max_bytes; one batched matmul forms the b Grams and one batched eigvalsh solves them.
     float32 is accurate to ~eps32 * lambda_max, so lambda_i is off by ~6e-8 * lambda_max / lambda_i
     relative: resolve_precision says which alpha that is good enough for.
+    `streams` > 1: that many stacks at once, each from its own thread on its own CUDA stream (on a
+    GPU a large eigvalsh is a long chain of small kernels, latency more than arithmetic), each under
+    max_bytes / streams; every eigenvalue is the one a single stream gives.
     Returns float64 CPU eigenvalues, ascending, clamped at 0, in the order of `weights`.
     """
     if precision not in ("float64", "float32"):
@@ -92,25 +96,49 @@ def esd_eigenvalues_batched(weights: list[torch.Tensor], precision: str = "float
         by_shape[tuple(w.shape)].append(i)
     out = [None] * len(weights)
     itemsize = torch.empty((), dtype=dtype).element_size()
+    streams = max(1, streams)
+    parts = []
+    for (rows, cols), idx in by_shape.items():
+        per_matrix = (rows * cols + 2 * min(rows, cols) ** 2) * itemsize  # W, Gram, eigvalsh's copy
+        step = max(1, max_bytes // streams // per_matrix)
+        parts += [(rows, cols, idx[s:s + step]) for s in range(0, len(idx), step)]
+
+    def solve(rows, cols, part):
+        stack = torch.empty((len(part), rows, cols), dtype=dtype, device=device)
+        for b, i in enumerate(part):
+            # one weight at a time, so a CPU model never sits whole on the device; moved in its own
+            # dtype and converted there (a blocking copy_ would convert on the CPU and ship 2-4x the bytes)
+            stack[b].copy_(weights[i].detach().to(device))
+        gram = _gram(stack)
+        del stack
+        eigs = torch.linalg.eigvalsh(gram).clamp_min_(0.0).to("cpu", torch.float64)  # ascending
+        del gram
+        for i, e in zip(part, eigs):
+            out[i] = e.clone()  # own storage, so a cached spectrum does not drag its batch along
+
     with _ieee_float32():
-        for (rows, cols), idx in by_shape.items():
-            per_matrix = (rows * cols + 2 * min(rows, cols) ** 2) * itemsize  # W, Gram, eigvalsh's copy
-            step = max(1, max_bytes // per_matrix)
-            for s in range(0, len(idx), step):
-                part = idx[s:s + step]
-                stack = torch.empty((len(part), rows, cols), dtype=dtype, device=device)
-                for b, i in enumerate(part):
-                    # one weight at a time, so a CPU model never sits whole on the device; moved in its
-                    # own dtype and converted there (a blocking copy_ would convert on the CPU and ship
-                    # 2-4x the bytes)
-                    stack[b].copy_(weights[i].detach().to(device))
-                gram = _gram(stack)
-                del stack
-                eigs = torch.linalg.eigvalsh(gram).clamp_min_(0.0).to("cpu", torch.float64)  # ascending
-                del gram
-                for i, e in zip(part, eigs):
-                    out[i] = e.clone()  # own storage, so a cached spectrum does not drag its batch along
+        if streams == 1 or len(parts) == 1:
+            for part in parts:
+                solve(*part)
+        else:
+            _solve_concurrently(solve, parts, streams, torch.device(device))
     return out
+
+
+def _solve_concurrently(solve, parts: list, streams: int, device: torch.device) -> None:
+    """solve(*part) for every part from `streams` threads, thread k taking parts k, k + streams, ...
+    on a CUDA stream of its own (on the CPU, plain threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(k):
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for part in parts[k::streams]:
+                solve(*part)
+
+    with ThreadPoolExecutor(streams, thread_name_prefix="prunekit-esd") as pool:
+        for future in [pool.submit(run, k) for k in range(streams)]:
+            future.result()
 
 
 def _prep(eigs: torch.Tensor) -> torch.Tensor:
