@@ -4,8 +4,10 @@
    (the dense float32 block outputs carried forward), then the share of each layer's Wanda 2:4 mask
    that differs. Rows: a float32 control with another batch size (summation order); prunekit's bf16;
    bf16 with PyTorch's sdpa in place of prunekit's attention kernel (sdpa computes bf16 attention in
-   float32 on CPUs without AMX), to tell the matmuls' rounding from the attention's; and float32
-   statistics times (1 + eps * N(0, 1)) for a few eps, to put the bf16 flips on a scale.
+   float32 on CPUs without AMX), to tell the matmuls' rounding from the attention's; a float32 pass
+   with the block's weights rounded to bf16 (SmolLM2's checkpoint is float32: is it the weights that
+   a bf16 pass multiplies by, or the rounding of its activations?); and float32 statistics times
+   (1 + eps * N(0, 1)) for a few eps, to put the bf16 flips on a scale.
 2. Evaluation dtype: one bf16-pruned Wanda 2:4 model, its perplexity evaluated in bf16 and in float32.
 3. Sensitivity: float32 Wanda 2:4 runs whose statistics are multiplied by (1 + eps * N(0, 1)),
    eps = 2^-11 (which flips about as many weights as bf16 does), one run per seed: how far 2:4
@@ -18,6 +20,7 @@
 
     python bench/bench_bf16.py [--parts flips eval sensitivity] [--blocks 2 10 20 28] [--seeds 4]
     python bench/bench_bf16.py --parts orders --orders 3 --orders-runs "sparsegpt 2:4" "wanda 2:4"
+    python bench/bench_bf16.py --parts orders --orders 3 --orders-runs "wanda 2:4" --checkpoint-dtype bfloat16
     python bench/bench_bf16.py --render bench/results/bf16.json   # the tables again, from the JSON
 
 Prints tables and writes bench/results/bf16.json (about 15 minutes on the 2-core CI machine).
@@ -74,6 +77,20 @@ def stock_attention():
         yield
 
 
+@contextlib.contextmanager
+def bf16_rounded(block):
+    """The block's parameters rounded to bf16 (and held in float32) while the context lasts: a float32
+    pass that sees the weights a bf16 pass multiplies by, and nothing else of bf16."""
+    saved = [(p, p.data) for p in block.parameters()]
+    for p, data in saved:
+        p.data = data.to(torch.bfloat16).float()
+    try:
+        yield
+    finally:
+        for p, data in saved:
+            p.data = data
+
+
 def mask_flips(model, adapter, samples, blocks: list[int], eps_list: list[float]) -> list[dict]:
     inputs = capture_block_inputs(model, adapter, samples, 4, FP32)
     inputs8 = capture_block_inputs(model, adapter, samples, 8, FP32)
@@ -96,6 +113,9 @@ def mask_flips(model, adapter, samples, blocks: list[int], eps_list: list[float]
             with stock_attention():
                 add(i, "bfloat16, torch sdpa attention",
                     wanda_24_masks(adapter, block, wanda_norms(adapter, block, inputs, BF16)), ref)
+            with bf16_rounded(block):
+                norms = wanda_norms(adapter, block, inputs, FP32)
+            add(i, "float32, weights rounded to bf16", wanda_24_masks(adapter, block, norms), ref)
             for eps in eps_list:
                 add(i, f"float32 x (1 + {eps_label(eps)} N(0,1))", wanda_24_masks(adapter, block, noisy(exact, eps, gen)), ref)
         run_block(block, inputs, FP32, outputs=inputs)
@@ -139,12 +159,17 @@ def flip_summary(flips: list[dict]) -> list[dict]:
     return list(out.values())
 
 
-def ordering_runs(model, adapter, samples, windows, runs: list[str], k: int) -> tuple[list[dict], list[dict]]:
+def ordering_runs(model, adapter, samples, windows, runs: list[str], k: int,
+                  checkpoint: str = "float32") -> tuple[list[dict], list[dict]]:
     """Each run ('METHOD PATTERN') in float32 and bf16 on k orderings; rows, and per run and dtype the
-    mean, spread and the bf16 mean against the float32 mean."""
+    mean, spread and the bf16 mean against the float32 mean. `checkpoint` other than float32: the
+    model's weights rounded to that dtype first (a bf16 checkpoint, as most are), for both dtypes."""
     rows = []
-    for label in runs:
-        method, pattern = label.split()
+    if checkpoint != "float32":
+        model = copy.deepcopy(model).to(getattr(torch, checkpoint))
+    for run in runs:
+        method, pattern = run.split()
+        label = run if checkpoint == "float32" else f"{run}, {checkpoint} checkpoint"
         for order, perm in orderings(samples.shape[0], k):
             for dtype, compute in (("float32", FP32), ("bfloat16", BF16)):
                 net = copy.deepcopy(model)
@@ -197,6 +222,8 @@ def main():
     ap.add_argument("--parts", nargs="+", default=["flips", "eval", "sensitivity"])
     ap.add_argument("--orders", type=int, default=3, help="orderings per run for --parts orders")
     ap.add_argument("--orders-runs", nargs="+", default=["sparsegpt 2:4", "wanda 2:4"])
+    ap.add_argument("--checkpoint-dtype", default="float32",
+                    help="--parts orders: round SmolLM2's float32 weights to this dtype first (bfloat16)")
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bf16.json"))
     ap.add_argument("--render", metavar="JSON", help="print the tables of an earlier run and exit")
@@ -236,15 +263,17 @@ def main():
             sens[-1]["vs exact"] = sens[-1]["ppl"] / sens[0]["ppl"] - 1
             print(sens[-1], flush=True)
     if "orders" in args.parts:
-        orders, summary = ordering_runs(model, adapter, samples, windows, args.orders_runs, args.orders)
+        orders, summary = ordering_runs(model, adapter, samples, windows, args.orders_runs, args.orders,
+                                        args.checkpoint_dtype)
     if os.path.exists(args.out):  # keep the parts of an earlier run that this one did not redo
         with open(args.out) as f:
             saved = json.load(f)
         flips = flips or saved["rows"]
         evals = evals or saved["meta"].get("eval_dtype", [])
         sens = sens or saved["meta"].get("sensitivity", [])
-        orders = orders or saved["meta"].get("orders", [])
-        summary = summary or saved["meta"].get("orders_summary", [])
+        redone = {r["run"] for r in orders}  # runs of another label (checkpoint dtype) are kept
+        orders = [r for r in saved["meta"].get("orders", []) if r["run"] not in redone] + orders
+        summary = [r for r in saved["meta"].get("orders_summary", []) if r["run"] not in redone] + summary
     print(render(flips, evals, sens, summary))
     write_results(args.out, flips, {**meta(), "eval_dtype": evals, "sensitivity": sens,
                                     "sensitivity_eps": args.sensitivity_eps, "orders": orders,

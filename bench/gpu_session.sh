@@ -41,6 +41,8 @@ if [ "$part" = next ]; then
   # ESD: 1, 2 and 4 eigensolves in flight at once (CUDA streams), 4 blocks of 7B shape
   step 60 $PY bench/bench_esd.py --random 7b --layers 4 --device cuda --precisions float64 --streams 1 2 4 \
     --skip-byte-key --out "$OUT/esd_streams.json"
+  # mask selection: N:M by stable ranks (prunekit's on a GPU now) against topk, 7B shapes
+  step 40 $PY bench/bench_masks.py --device cuda --out "$OUT/masks.json"
   # Wanda 50 % under each plan with the worker-thread weight copies, and the floor
   step 170 $PY bench/bench_gpu.py --shape 7b --runs wanda --offload auto weights cpu --out "$OUT/gpu_wanda_copies.json"
   # AlphaPruning on top of Wanda, the whole model (ESD of 224 matrices, CUDA_ESD_STREAMS at once)

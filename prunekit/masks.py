@@ -34,16 +34,37 @@ def matrix_lowest_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return lowest_k_mask(scores.reshape(1, -1), int(scores.numel() * sparsity)).view_as(scores)
 
 
-def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """In each group of m consecutive input columns of each row, prune the n lowest scores."""
+def nm_mask(scores: torch.Tensor, n: int, m: int, by: str | None = None) -> torch.Tensor:
+    """In each group of m consecutive input columns of each row, prune the n lowest scores, ties
+    going to the lower column index (the first n of a stable ascending sort, as row masks do).
+
+    Two ways to the same mask: `ranks` counts, for every score, the scores of its group that a
+    stable sort puts before it (m elementwise passes); `topk` is lowest_k_mask over the groups. On a
+    GPU torch's topk runs one thread block per group, millions of them for a 7B matrix, so `ranks` is
+    used there; on the CPU `ranks` for m <= 4 and `topk` above (as fast as topk alone, which breaks
+    ties in no fixed order)."""
     rows, cols = scores.shape
     if cols % m:
         raise ValueError(f"N:M with M={m} needs in_features divisible by {m}, got {cols}")
-    groups = scores.reshape(rows, cols // m, m)
-    mask = torch.zeros_like(groups, dtype=torch.bool)
-    if n > 0:
-        mask.scatter_(2, torch.topk(groups, n, dim=2, largest=False)[1], True)
-    return mask.reshape(rows, cols)
+    if n <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    by = by or ("ranks" if scores.is_cuda or m <= 4 else "topk")
+    if by == "topk":
+        return lowest_k_mask(scores.reshape(-1, m), n).reshape(rows, cols)
+    return (stable_ranks(scores.reshape(rows, cols // m, m)) < n).reshape(rows, cols)
+
+
+def stable_ranks(groups: torch.Tensor) -> torch.Tensor:
+    """Each entry's position in a stable ascending sort of its group (the last dim), as uint8: the
+    number of smaller entries, plus the equal ones before it."""
+    m = groups.shape[-1]
+    rank = torch.zeros(groups.shape, dtype=torch.uint8, device=groups.device)
+    for j in range(m):
+        other = groups[..., j:j + 1]
+        rank += other < groups
+        if j + 1 < m:
+            rank[..., j + 1:] += other == groups[..., j + 1:]
+    return rank
 
 
 def cumulative_threshold_mask(scores: torch.Tensor, alpha: float) -> torch.Tensor:

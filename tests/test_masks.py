@@ -59,6 +59,21 @@ def test_stable_tie_breaking_matches_sort():
             assert torch.equal(lowest_k_mask(s, k), ref)
 
 
+@pytest.mark.parametrize("by", ["ranks", "topk"])
+def test_nm_ties_go_to_the_lower_column(by):
+    """Both ways to an N:M mask give the first n of a stable ascending sort, on scores full of ties."""
+    assert nm_mask(torch.tensor([[1.0, 0.0, 1.0, 0.0, 2.0, 2.0, 2.0, 2.0]]), 2, 4, by).tolist() == \
+        [[False, True, False, True, True, True, False, False]]
+    torch.manual_seed(1)
+    for _ in range(20):
+        s = torch.randint(0, 3, (5, 48)).float()
+        for n, m in ((1, 4), (2, 4), (3, 4), (2, 8), (4, 8), (5, 8), (2, 16)):
+            groups = s.view(5, -1, m)
+            ref = torch.zeros_like(groups, dtype=torch.bool)
+            ref.scatter_(2, torch.sort(groups, dim=2, stable=True)[1][..., :n], True)
+            assert torch.equal(nm_mask(s, n, m, by).view_as(groups), ref), (n, m)
+
+
 def test_nm_compliance_every_group():
     torch.manual_seed(0)
     scores = torch.rand(12, 64)
