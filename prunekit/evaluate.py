@@ -6,9 +6,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from .execution.precision import Compute
+from .execution.streaming import visiting
 from .errors import PrunekitError
 
 
@@ -23,18 +25,14 @@ def perplexity(model, windows: torch.Tensor, compute: Compute, batch_size: int |
                desc: str = "perplexity") -> dict:
     """ppl = exp(mean over windows of each window's mean NLL). Returns ppl, tokens/s, windows."""
     batch_size = batch_size or max(1, 2048 // windows.shape[1])
-    home = next(model.parameters()).device
-    model.to(compute.device)
     nlls = []
     start = time.perf_counter()
-    with compute.run(model):
+    with visiting(model, compute.device), compute.run(model):
         for batch in tqdm(windows.split(batch_size), desc=desc, leave=False):
             batch = batch.to(compute.device)
             logits = model(input_ids=batch, use_cache=False).logits
             nlls.append(window_nll(logits, batch))
-    result = _result(nlls, windows, start)
-    model.to(home)
-    return result
+    return _result(nlls, windows, start)
 
 
 def _result(nlls: list[torch.Tensor], windows: torch.Tensor, start: float) -> dict:
@@ -66,18 +64,13 @@ def streamed_perplexity(model, adapter, reader, windows: torch.Tensor, compute: 
     head = [model.get_submodule(adapter.final_norm)]
     head += [m for path in adapter.head_extra if (m := _maybe(model, path)) is not None]
     head.append(model.get_output_embeddings())
-    home = next(model.parameters()).device
-    for m in head:
-        m.to(compute.device)
     nlls = []
-    with compute.run(model, exclude=adapter.blocks(model)):
+    with visiting(nn.ModuleList(head), compute.device), compute.run(model, exclude=adapter.blocks(model)):
         for sl, h in acts.batches(compute.device):
             x = compute.hidden(h)
             for m in head:
                 x = m(x)
             nlls.append(window_nll(x, windows[sl].to(compute.device)))
-    for m in head:
-        m.to(home)
     return _result(nlls, windows, start)
 
 

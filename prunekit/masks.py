@@ -35,23 +35,26 @@ def matrix_lowest_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int, by: str | None = None) -> torch.Tensor:
-    """In each group of m consecutive input columns of each row, prune the n lowest scores, ties
-    going to the lower column index (the first n of a stable ascending sort, as row masks do).
+    """In each group of m consecutive input columns of each row, prune the n lowest scores.
 
-    Two ways to the same mask: `ranks` counts, for every score, the scores of its group that a
-    stable sort puts before it (m elementwise passes); `topk` is lowest_k_mask over the groups. On a
-    GPU torch's topk runs one thread block per group, millions of them for a 7B matrix, so `ranks` is
-    used there; on the CPU `ranks` for m <= 4 and `topk` above (as fast as topk alone, which breaks
-    ties in no fixed order)."""
+    Two ways, equal but for ties. `topk`: the reference's own selection (topk over each group,
+    scattered), ties broken as torch's topk on that device breaks them; the CPU default, because
+    the float32 parity figures depend on it: SmolLM2 has groups of equal (zero) scores, and the stable
+    order changes float32 Wanda 2:4's perplexity (the rounding-level change cascades through the
+    later blocks' near-ties). `ranks`: ties to the lower column (a stable sort, as row masks), by
+    counting for every score the scores of its group that come before it (m elementwise passes); the
+    CUDA default, since torch's CUDA topk runs one thread block per group, millions for a 7B matrix."""
     rows, cols = scores.shape
     if cols % m:
         raise ValueError(f"N:M with M={m} needs in_features divisible by {m}, got {cols}")
+    groups = scores.reshape(rows, cols // m, m)
     if n <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    by = by or ("ranks" if scores.is_cuda or m <= 4 else "topk")
-    if by == "topk":
-        return lowest_k_mask(scores.reshape(-1, m), n).reshape(rows, cols)
-    return (stable_ranks(scores.reshape(rows, cols // m, m)) < n).reshape(rows, cols)
+    if (by or ("ranks" if scores.is_cuda else "topk")) == "ranks":
+        return (stable_ranks(groups) < n).reshape(rows, cols)
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(2, torch.topk(groups, n, dim=2, largest=False)[1], True)
+    return mask.reshape(rows, cols)
 
 
 def stable_ranks(groups: torch.Tensor) -> torch.Tensor:

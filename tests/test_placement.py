@@ -229,3 +229,22 @@ def test_streamer_copies_on_its_worker_thread(samples, monkeypatch, offload, upl
     assert sorted(h for _, h in calls["down"]) == sorted(t.data_ptr() for b in blocks for t in [*b.parameters(), *b.buffers()])
     assert storage.items() <= {name: p.data_ptr() for name, p in streamed.named_parameters()}.items()
     assert all(torch.equal(a, b) for a, b in zip(streamed.state_dict().values(), plain.state_dict().values()))
+
+
+def test_visiting_points_back_without_copying():
+    """A read-only visit to a GPU and back, the copy a clone on the CPU: inside, every parameter and
+    buffer but the excluded ones is a copy; after, each points at its own storage again, values
+    unchanged, also after an error."""
+    from prunekit.execution.streaming import visiting
+    model = tiny_model("llama")
+    before = {name: (t.data_ptr(), t.clone()) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    blocks = model.model.layers
+    with pytest.raises(RuntimeError, match="inside"):
+        with visiting(model, "cuda", exclude=blocks, copy=torch.clone):
+            for name, t in [*model.named_parameters(), *model.named_buffers()]:
+                assert (t.data_ptr() == before[name][0]) == name.startswith("model.layers."), name
+            raise RuntimeError("inside")
+    after = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    assert before.keys() == after.keys()
+    for name, (ptr, value) in before.items():
+        assert after[name].data_ptr() == ptr and torch.equal(after[name], value), name

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..adapters import Adapter
 from ..stats import ChannelStats
 from .precision import Compute
+from .streaming import visiting
 
 
 class StopForward(Exception):
@@ -113,18 +114,6 @@ def allocate_activations(shape: tuple[int, ...], dtype: torch.dtype, home: str, 
     return torch.empty(shape, dtype=dtype, device=compute.device)
 
 
-def _shell_to(model: nn.Module, adapter: Adapter, device: torch.device) -> None:
-    """Move everything but the decoder blocks (embeddings, rotary tables, final norm, head)."""
-    parent_path, _, attr = adapter.blocks_path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    blocks = getattr(parent, attr)
-    setattr(parent, attr, nn.ModuleList())
-    try:
-        model.to(device)
-    finally:
-        setattr(parent, attr, blocks)
-
-
 def capture_block_inputs(model: nn.Module, adapter: Adapter, samples: torch.Tensor, batch_size: int,
                          compute: Compute, home: str = "device", scratch: Scratch | None = None) -> Activations:
     """Run the model up to its first block and keep what that block receives, batch by batch. The
@@ -145,11 +134,9 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, samples: torch.Tens
         extra.append((args[1:], dict(kwargs)))
         raise StopForward
 
-    home_device = next(model.parameters()).device
-    _shell_to(model, adapter, compute.device)
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        with compute.run(model, exclude=blocks), _no_autocast():
+        with visiting(model, compute.device, exclude=blocks), compute.run(model, exclude=blocks), _no_autocast():
             for batch in tqdm(samples.split(batch_size), desc="calibration", leave=False):
                 try:
                     model(input_ids=batch.to(compute.device), use_cache=False)
@@ -157,8 +144,6 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, samples: torch.Tens
                     pass
     finally:
         handle.remove()
-        if home_device.type == "cpu":
-            _shell_to(model, adapter, home_device)
     return Activations(state["buffer"], extra, batch_size, scratch if home == "scratch" else None)
 
 
