@@ -88,3 +88,22 @@ def test_text_reads_with_universal_newlines(tmp_path):
     path = tmp_path / "crlf.txt"
     path.write_bytes(b"one\r\ntwo\rthree\n")
     assert load_text(str(path)) == "one\ntwo\nthree\n"
+
+
+def test_nan_read_a_block_late_still_names_its_block(samples, monkeypatch):
+    """On a GPU the NaN flags are read a block late (the loop never waits for the GPU): a NaN in
+    block 1, the last block, stops the prune at the end, naming block 1; one in block 0 stops it at
+    block 1, naming block 0."""
+    from prunekit import PrunekitError
+    from prunekit.execution import loop
+    monkeypatch.setattr(loop, "_lagged_checks", lambda device, checkpointed: True)
+    for block in (0, 1):
+        model = tiny_model("llama")
+        with torch.no_grad():
+            model.model.layers[block].self_attn.q_proj.weight[0, 0] = float("nan")
+        with pytest.raises(PrunekitError, match=f"NaN/inf in the pruning scores of block {block} self_attn.q_proj"):
+            prune(model, PruneConfig(method="wanda", nsamples=8, seqlen=32, device="cpu"), samples)
+    check = loop.NaNCheck(lag=True)
+    assert check.add(0, ["a"], [[torch.tensor(True), None]]) is None  # read a block later
+    assert "block 0 a" in str(check.add(1, ["a"], [[torch.tensor(False), None]]))
+    assert check.done() is None

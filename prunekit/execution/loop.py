@@ -5,8 +5,8 @@ receives); then per block: hooks accumulate float32 input statistics while the d
 all calibration batches, every mask of the block is computed from those statistics, weights are
 zeroed (biases compensated, kept weights updated where the method says so), and the pruned block
 runs again to make the next block's inputs. Where weights and activations live is the placement
-plan's decision; the loop reads the host once per block (a NaN check) and gathers its numbers at
-the end.
+plan's decision; the loop reads the host once per block (a NaN check, a block late on a GPU, so it
+never waits there) and gathers its numbers at the end.
 """
 from __future__ import annotations
 
@@ -162,17 +162,56 @@ def prune_linear(module: nn.Module, adapter: Adapter, scorer: Scorer, stats, nor
     return result.mask.sum(), flags, result.info
 
 
-def _check_block(i: int, names: list[str], flags: list[list]) -> None:
-    """The one host read per block: NaN/inf in any statistic or score of the block."""
-    present = [(name, kind, f) for name, pair in zip(names, flags)
-               for kind, f in zip(("calibration activations", "pruning scores"), pair) if f is not None]
-    if not present:
-        return
-    bad = torch.stack([f.reshape(()) for _, _, f in present]).tolist()
-    for (name, kind, _), b in zip(present, bad):
+class NaNCheck:
+    """The NaN/inf flags of each block's statistics and scores, the loop's one read of the host per
+    block. With `lag` (one process on a GPU) a block's flags are copied to the host behind its masks
+    and read a block later, when that copy is long done: the loop never waits for the GPU, and a
+    NaN still stops the prune, one block on, naming its block. Without, they are read at once."""
+
+    def __init__(self, lag: bool):
+        self.lag, self.pending = lag, None
+
+    def add(self, i: int, names: list[str], flags: list[list]) -> PrunekitError | None:
+        """Block i's flags in; the error for the block that is read now (i, or i - 1 with lag), if any."""
+        present = [(name, kind, f) for name, pair in zip(names, flags)
+                   for kind, f in zip(("calibration activations", "pruning scores"), pair) if f is not None]
+        entry = None
+        if present:
+            bad = torch.stack([f.reshape(()) for _, _, f in present])
+            event = None
+            if self.lag and bad.is_cuda:
+                bad = bad.to("cpu", non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            entry = (i, [(name, kind) for name, kind, _ in present], bad, event)
+        if not self.lag:
+            return _verdict(entry)
+        entry, self.pending = self.pending, entry
+        return _verdict(entry)
+
+    def done(self) -> PrunekitError | None:
+        """The last block's verdict (with lag)."""
+        entry, self.pending = self.pending, None
+        return _verdict(entry)
+
+
+def _verdict(entry) -> PrunekitError | None:
+    if entry is None:
+        return None
+    i, present, bad, event = entry
+    if event is not None:
+        event.synchronize()
+    for (name, kind), b in zip(present, bad.tolist()):
         if b:
-            hint = "try --dtype float32 or check the model weights"
-            raise PrunekitError(f"NaN/inf in the {kind} of block {i} {name}: {hint}")
+            return PrunekitError(f"NaN/inf in the {kind} of block {i} {name}: "
+                                 "try --dtype float32 or check the model weights")
+    return None
+
+
+def _lagged_checks(device: torch.device, checkpointed: bool) -> bool:
+    """Read the NaN flags a block late: on a GPU, in one process (torchrun ranks agree every block),
+    and not when each block is saved for a resume (a saved block must have passed its check)."""
+    return device.type == "cuda" and distributed.world()[1] == 1 and not checkpointed
 
 
 @dataclass
@@ -294,6 +333,9 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
         for i, block in enumerate(tqdm(run.blocks, desc=f"pruning ({config.method})")):
             if i >= run.start:
                 run.prune_block(i, block)
+        failure = run.nan.done()
+        if failure is not None:
+            raise failure
         with run.phases.host("weights out (host)"):
             run.streamer.finish()
     finally:
@@ -319,6 +361,7 @@ class BlockLoop:
         self.blocks = adapter.blocks(model)
         self.needs_inputs = self.scorer.needs_stats or needs_data(config.allocation)
         self.phases = Phases(self.compute.device)
+        self.nan = NaNCheck(lag=_lagged_checks(self.compute.device, checkpoint is not None))
         self.report = PruneReport()
         self.scratch, self.plan, self.acts, self.dense, self.streamer = None, None, None, None, None
         self.counts, self.errors, self.start = [], [], 0
@@ -387,12 +430,7 @@ class BlockLoop:
                 flags.append(flag)
                 if info and self.log is not None:
                     self.log(f"{full}: {info}")
-        failure = None
-        if rank0:
-            try:
-                _check_block(i, list(linears), flags)
-            except PrunekitError as exc:
-                failure = exc
+        failure = self.nan.add(i, list(linears), flags) if rank0 else None
         if distributed.broadcast_flag(failure is not None):
             raise failure or PrunekitError(f"rank 0 stopped at block {i} (NaN/inf): see its output")
         distributed.broadcast_block(block)  # every rank holds rank 0's pruned block
