@@ -92,6 +92,58 @@ def floor_seconds(model, adapter, ids, config) -> float:
     return seconds * len(adapter.blocks(model))
 
 
+def floor_parts(model, adapter, ids, config) -> dict:
+    """Where the floor's time goes, block 0 over all batches, times the number of blocks: the full
+    pass, the statistics pass with its sums of squares, the same pass stopped at the same place
+    without them; and for one batch of down_proj's input (the widest), the sum of squares as the
+    statistics take it (a float32 copy, squared, summed) against one fused reduction
+    (vector_norm in float32, squared): ms per call and the largest relative difference."""
+    from prunekit.execution.passes import StopForward
+    compute, inputs, block, timed = block0(model, adapter, ids, config)
+    linears = adapter.block_linears(block)
+    last = linears[adapter.linears[-1]]
+    blocks = len(adapter.blocks(model))
+
+    def stats_pass():
+        with collect_stats(linears, adapter.linears[-1], centred=lambda n: False):
+            run_block(block, inputs, compute)
+
+    def bare_pass():
+        def stop(module, args):
+            raise StopForward
+        handle = last.register_forward_pre_hook(stop)
+        try:
+            run_block(block, inputs, compute)
+        finally:
+            handle.remove()
+    grabbed = {}
+
+    def grab(module, args):
+        grabbed.setdefault("x", args[0].detach().reshape(-1, args[0].shape[-1]))
+        raise StopForward
+    handle = last.register_forward_pre_hook(grab)
+    try:
+        run_block(block, inputs, compute)
+    finally:
+        handle.remove()
+    x = grabbed["x"]
+    exact = x.double().square().sum(0)
+    ways = {"float copy": lambda: (x.square() if x.dtype == torch.float32 else x.float().square_()).sum(0),
+            "vector_norm": lambda: torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).square_()}
+    sums = {}
+    for name, fn in ways.items():
+        fn()
+        sums[name] = {"ms": timed(lambda: [fn() for _ in range(10)]) * 100,
+                      "max_rel_err": ((fn().double() - exact).abs() / exact.clamp_min(1e-30)).max().item()}
+    out = {}
+    for name, fn in (("full pass", lambda: run_block(block, inputs, compute)), ("statistics pass", stats_pass),
+                     ("statistics pass, no sums", bare_pass)):
+        fn()
+        out[name + " s"] = timed(fn) * blocks
+    block.to("cpu")
+    return {**out, "sum of squares (one batch of down_proj's input)": sums, "input dtype": str(x.dtype)}
+
+
 def compile_trial(model, adapter, ids, config) -> dict:
     """torch.compile on a block's full pass: the first compiled call (compile included), then the
     steady compiled pass, beside the eager pass, all over the same batches of block 0. `wins` says
@@ -123,6 +175,8 @@ def main(argv=None):
                     help="storage dtypes of the block inputs to time: auto float32 bfloat16")
     ap.add_argument("--compile-trial", action="store_true", help="time torch.compile on a block pass")
     ap.add_argument("--no-floor", action="store_true", help="skip the floor measurement")
+    ap.add_argument("--floor-parts", action="store_true",
+                    help="also split the floor: full pass, statistics pass with and without its sums")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "gpu.json"))
     args = ap.parse_args(argv)
 
@@ -136,6 +190,10 @@ def main(argv=None):
     floor = None if args.no_floor else floor_seconds(model, adapter, ids, PruneConfig(**base))
     if floor is not None:
         print(f"{args.shape} x {len(adapter.blocks(model))} blocks: floor {floor:.2f} s", flush=True)
+    if args.floor_parts:
+        info["floor_parts"] = floor_parts(model, adapter, ids, PruneConfig(**base))
+        print("floor parts:", info["floor_parts"], flush=True)
+        write_results(args.out, [], info)
     if args.compile_trial:
         info["compile_trial"] = compile_trial(model, adapter, ids, PruneConfig(**base))
         print("torch.compile trial:", info["compile_trial"], flush=True)

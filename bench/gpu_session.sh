@@ -43,8 +43,10 @@ if [ "$part" = next ]; then
     --skip-byte-key --out "$OUT/esd_streams.json"
   # mask selection: N:M by stable ranks (prunekit's on a GPU now) against topk, 7B shapes
   step 40 $PY bench/bench_masks.py --device cuda --out "$OUT/masks.json"
-  # Wanda 50 % under each plan with the worker-thread weight copies, and the floor
-  step 170 $PY bench/bench_gpu.py --shape 7b --runs wanda --offload auto weights cpu --out "$OUT/gpu_wanda_copies.json"
+  # Wanda 50 % under each plan with the worker-thread weight copies, the floor, and where the floor's
+  # time goes (full pass, statistics pass with and without its sums, two ways to a sum of squares)
+  step 180 $PY bench/bench_gpu.py --shape 7b --runs wanda --offload auto weights cpu --floor-parts \
+    --out "$OUT/gpu_wanda_copies.json"
   # AlphaPruning on top of Wanda, the whole model (ESD of 224 matrices, CUDA_ESD_STREAMS at once)
   step 110 $PY bench/bench_gpu.py --shape 7b --no-floor --runs "wanda alpha" --out "$OUT/gpu_alpha.json"
   # float32 (auto) against bf16 block inputs, Wanda 50 %
