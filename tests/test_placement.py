@@ -166,11 +166,14 @@ def test_cuda_bf16_run_keeps_activations_on_the_device(samples):
     assert next(model.parameters()).device.type == "cpu"  # back where it came from
 
 
-@pytest.mark.parametrize("offload, uploads, method", [("weights", 2, "wanda"), ("none", 1, "wanda"), ("none", 1, "stade")])
-def test_streamer_copies_on_its_worker_thread(samples, monkeypatch, offload, uploads, method):
+@pytest.mark.parametrize("offload, uploads, method, allocation", [
+    ("weights", 2, "wanda", "owl"), ("none", 1, "wanda", "owl"), ("none", 1, "stade", "owl"),
+    ("weights", 1, "magnitude", "alpha"), ("none", 1, "magnitude", "alpha"), ("cpu", 1, "sparsegpt", "uniform")])
+def test_streamer_copies_on_its_worker_thread(samples, monkeypatch, tmp_path, offload, uploads, method, allocation):
     """The streamer's control flow on the CPU, CUDA's calls replaced by stand-ins and its two copies
     by clones: every copy runs on the worker thread (never on the main thread); with OWL's dense pass
-    first, plan `stream` uploads each block once per pass and plan `device` once per prune; each
+    first, plan `stream` uploads each block once per pass and plan `device` once per prune (alpha
+    reads every weight on the device first, from the same upload); each
     pruned block is copied back once, into the very host tensors it came from; and the pruned model
     equals the unstreamed run's. STADE adds biases to blocks already on the device: they come back too."""
     import contextlib
@@ -209,7 +212,8 @@ def test_streamer_copies_on_its_worker_thread(samples, monkeypatch, offload, upl
         assert not self.active  # the CPU: nothing to stream, until told
         self.active, self.side = True, Fake()
         self.worker = streaming.ThreadPoolExecutor(1, thread_name_prefix="prunekit-copies")
-    config = dict(method=method, nsamples=8, seqlen=32, dtype="float32", device="cpu", allocation="owl")
+    monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path))  # alpha's ESD cache
+    config = dict(method=method, nsamples=8, seqlen=32, dtype="float32", device="cpu", allocation=allocation)
     streamed = tiny_model("llama")
     storage = {name: p.data_ptr() for name, p in streamed.named_parameters()}
     before = len(list(streamed.model.layers[0].parameters())) + len(list(streamed.model.layers[0].buffers()))
