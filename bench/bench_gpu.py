@@ -108,24 +108,22 @@ def floor_parts(model, adapter, ids, config) -> dict:
         with collect_stats(linears, adapter.linears[-1], centred=lambda n: False):
             run_block(block, inputs, compute)
 
-    def bare_pass():
-        def stop(module, args):
-            raise StopForward
-        handle = last.register_forward_pre_hook(stop)
+    def pass_stopped_by(hook):
+        """A pass ended at the last linear's input by `hook` (which raises StopForward)."""
+        handle = last.register_forward_pre_hook(hook)
         try:
             run_block(block, inputs, compute)
         finally:
             handle.remove()
+
+    def stop(module, args):
+        raise StopForward
     grabbed = {}
 
     def grab(module, args):
         grabbed.setdefault("x", args[0].detach().reshape(-1, args[0].shape[-1]))
         raise StopForward
-    handle = last.register_forward_pre_hook(grab)
-    try:
-        run_block(block, inputs, compute)
-    finally:
-        handle.remove()
+    pass_stopped_by(grab)
     x = grabbed["x"]
     exact = x.double().square().sum(0)
     ways = {"float copy": lambda: (x.square() if x.dtype == torch.float32 else x.float().square_()).sum(0),
@@ -137,7 +135,7 @@ def floor_parts(model, adapter, ids, config) -> dict:
                       "max_rel_err": ((fn().double() - exact).abs() / exact.clamp_min(1e-30)).max().item()}
     out = {}
     for name, fn in (("full pass", lambda: run_block(block, inputs, compute)), ("statistics pass", stats_pass),
-                     ("statistics pass, no sums", bare_pass)):
+                     ("statistics pass, no sums", lambda: pass_stopped_by(stop))):
         fn()
         out[name + " s"] = timed(fn) * blocks
     block.to("cpu")
