@@ -299,3 +299,14 @@ def test_nm_allocation_bounds():
     # 0.99 * 4 is capped at m - 1 = 3 (a layer keeps 1 of every m); to stay near the target
     # mean 1.98 the other layer takes the shortfall: [3, 1] (mean 2) beats [3, 0] (mean 1.5)
     assert nm_allocation([0.99, 0.0], [1, 1], 4) == [3, 1]
+
+
+def test_esd_streams_fit_in_half_the_free_memory():
+    from prunekit.allocation.alpha import CUDA_ESD_STREAMS, esd_streams
+    w = [("a", torch.empty(0).new_empty((64, 256))), ("b", torch.empty(0).new_empty((32, 32)))]
+    need = (64 * 256 + 2 * 64 * 64) * 8  # the largest matrix, float64: W, its Gram, eigvalsh's copy
+    assert esd_streams(w, "cpu", "float64") == 1
+    assert esd_streams(w, "cuda", "float64", free=100 * need) == CUDA_ESD_STREAMS
+    assert esd_streams(w, "cuda", "float64", free=5 * need) == 2
+    assert esd_streams(w, "cuda", "float64", free=need) == 1
+    assert esd_streams(w, "cuda", "float32", free=5 * need) == 4

@@ -103,6 +103,20 @@ def weights_key(named_weights: list[tuple[str, torch.Tensor]], extra: str = "") 
 CUDA_ESD_STREAMS = 4  # eigensolves in flight at once on a GPU (bench/bench_esd.py --streams compares)
 
 
+def esd_streams(weights: list[tuple[str, torch.Tensor]], device, precision: str, free: int | None = None) -> int:
+    """How many eigensolves to keep in flight: CUDA_ESD_STREAMS on a GPU, fewer where half the free
+    GPU memory (`free`, default torch.cuda.mem_get_info) does not hold that many of the largest
+    matrix's working set (the matrix, its Gram and eigvalsh's copy, in `precision`); 1 on the CPU,
+    whose LAPACK already uses every core for one."""
+    if torch.device(device).type != "cuda" or not weights:
+        return 1
+    if free is None:
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    itemsize = 8 if precision == "float64" else 4
+    need = max((w.shape[0] * w.shape[1] + 2 * min(w.shape) ** 2) * itemsize for _, w in weights)
+    return max(1, min(CUDA_ESD_STREAMS, free // 2 // need))
+
+
 def block_weights(model, adapter) -> list[tuple[str, torch.Tensor]]:
     return [(f"{adapter.blocks_path}.{i}.{name}", adapter.weight(module))
             for i, block in enumerate(adapter.blocks(model))
@@ -117,8 +131,7 @@ def model_spectra(model, adapter, device: torch.device | str = "cpu", use_cache:
     precision: "float64" or "float32" (esd_precision picks one from PruneConfig.esd_dtype).
     lazy_weights: a callable yielding (name, weight) one at a time (blocks on disk), with `lazy_key`
     identifying the checkpoint; the weights are then read, and eigen-solved, one by one.
-    streams: eigensolves at once (esd_eigenvalues_batched); default CUDA_ESD_STREAMS on a GPU, 1 on
-    the CPU (whose LAPACK already uses every core for one)."""
+    streams: eigensolves at once (esd_eigenvalues_batched); default esd_streams()."""
     precision = esd_precision(precision, "alpha_peak")  # validated before any work; "auto" -> float64
     weights = None if lazy_weights is not None else block_weights(model, adapter)
     start = time.perf_counter()
@@ -128,8 +141,8 @@ def model_spectra(model, adapter, device: torch.device | str = "cpu", use_cache:
     if path and os.path.exists(path):
         return {"eigs": torch.load(path), "seconds": 0.0, "cached": True, "key_seconds": key_seconds}
     start = time.perf_counter()
-    if streams is None:
-        streams = CUDA_ESD_STREAMS if torch.device(device).type == "cuda" else 1
+    if streams is None and weights is not None:
+        streams = esd_streams(weights, device, precision)
     if weights is not None:
         eigs = dict(zip([name for name, _ in weights],
                         esd_eigenvalues_batched([w for _, w in weights], precision, device, streams=streams)))
