@@ -166,16 +166,11 @@ def test_cuda_bf16_run_keeps_activations_on_the_device(samples):
     assert next(model.parameters()).device.type == "cpu"  # back where it came from
 
 
-@pytest.mark.parametrize("offload, uploads, method, allocation", [
-    ("weights", 2, "wanda", "owl"), ("none", 1, "wanda", "owl"), ("none", 1, "stade", "owl"),
-    ("weights", 1, "magnitude", "alpha"), ("none", 1, "magnitude", "alpha"), ("cpu", 1, "sparsegpt", "uniform")])
-def test_streamer_copies_on_its_worker_thread(samples, monkeypatch, tmp_path, offload, uploads, method, allocation):
-    """The streamer's control flow on the CPU, CUDA's calls replaced by stand-ins and its two copies
-    by clones: every copy runs on the worker thread (never on the main thread); with OWL's dense pass
-    first, plan `stream` uploads each block once per pass and plan `device` once per prune (alpha
-    reads every weight on the device first, from the same upload); each
-    pruned block is copied back once, into the very host tensors it came from; and the pruned model
-    equals the unstreamed run's. STADE adds biases to blocks already on the device: they come back too."""
+@pytest.fixture
+def fake_cuda_streamer(monkeypatch):
+    """A context manager: inside, BlockStreamer is active on the CPU, CUDA's streams, events and
+    syncs replaced by no-op stand-ins and its two copies by clones that record their thread and host
+    storage; it yields those records ({"up": [...], "down": [...]}, entries (thread, host data_ptr))."""
     import contextlib
     import threading
 
@@ -198,13 +193,6 @@ def test_streamer_copies_on_its_worker_thread(samples, monkeypatch, tmp_path, of
         calls["down"].append((threading.current_thread().name, host.data_ptr()))
         host.copy_(dev)
 
-    for name in ("Stream", "Event"):
-        monkeypatch.setattr(torch.cuda, name, Fake)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Fake())
-    monkeypatch.setattr(torch.cuda, "stream", lambda *a: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "device", lambda *a: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: None)
     init = streaming.BlockStreamer.__init__
 
     def active_init(self, blocks, device, plan):
@@ -212,15 +200,40 @@ def test_streamer_copies_on_its_worker_thread(samples, monkeypatch, tmp_path, of
         assert not self.active  # the CPU: nothing to stream, until told
         self.active, self.side = True, Fake()
         self.worker = streaming.ThreadPoolExecutor(1, thread_name_prefix="prunekit-copies")
+    @contextlib.contextmanager
+    def active():
+        with monkeypatch.context() as patch:
+            for name in ("Stream", "Event"):
+                patch.setattr(torch.cuda, name, Fake)
+            patch.setattr(torch.cuda, "current_stream", lambda *a: Fake())
+            patch.setattr(torch.cuda, "stream", lambda *a: contextlib.nullcontext())
+            patch.setattr(torch.cuda, "device", lambda *a: contextlib.nullcontext())
+            patch.setattr(torch.cuda, "synchronize", lambda *a: None)
+            patch.setattr(torch.Tensor, "record_stream", lambda self, s: None)
+            patch.setattr(streaming.BlockStreamer, "__init__", active_init)
+            patch.setattr(streaming.BlockStreamer, "_up", up)
+            patch.setattr(streaming.BlockStreamer, "_down", down)
+            yield calls
+    return active
+
+
+@pytest.mark.parametrize("offload, uploads, method, allocation", [
+    ("weights", 2, "wanda", "owl"), ("none", 1, "wanda", "owl"), ("none", 1, "stade", "owl"),
+    ("weights", 1, "magnitude", "alpha"), ("none", 1, "magnitude", "alpha"), ("cpu", 1, "sparsegpt", "uniform")])
+def test_streamer_copies_on_its_worker_thread(samples, monkeypatch, tmp_path, offload, uploads, method, allocation,
+                                              fake_cuda_streamer):
+    """The streamer's control flow on the CPU (fake_cuda_streamer): every copy runs on the worker
+    thread (never on the main thread); with OWL's dense pass first, plan `stream` uploads each block
+    once per pass and plan `device` once per prune (alpha reads every weight on the device first,
+    from the same upload); each pruned block is copied back once, into the very host tensors it came
+    from; and the pruned model equals the unstreamed run's. STADE adds biases to blocks already on
+    the device: they come back too."""
     monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path))  # alpha's ESD cache
     config = dict(method=method, nsamples=8, seqlen=32, dtype="float32", device="cpu", allocation=allocation)
     streamed = tiny_model("llama")
     storage = {name: p.data_ptr() for name, p in streamed.named_parameters()}
     before = len(list(streamed.model.layers[0].parameters())) + len(list(streamed.model.layers[0].buffers()))
-    with monkeypatch.context() as patch:
-        patch.setattr(streaming.BlockStreamer, "__init__", active_init)
-        patch.setattr(streaming.BlockStreamer, "_up", up)
-        patch.setattr(streaming.BlockStreamer, "_down", down)
+    with fake_cuda_streamer() as calls:
         prune(streamed, PruneConfig(offload=offload, **config), samples)
     plain = tiny_model("llama")
     prune(plain, PruneConfig(offload=offload, **config), samples)
@@ -233,6 +246,21 @@ def test_streamer_copies_on_its_worker_thread(samples, monkeypatch, tmp_path, of
     assert sorted(h for _, h in calls["down"]) == sorted(t.data_ptr() for b in blocks for t in [*b.parameters(), *b.buffers()])
     assert storage.items() <= {name: p.data_ptr() for name, p in streamed.named_parameters()}.items()
     assert all(torch.equal(a, b) for a, b in zip(streamed.state_dict().values(), plain.state_dict().values()))
+
+
+@pytest.mark.parametrize("offload", ["none", "weights"])
+def test_streamer_brings_blocks_back_after_an_error(samples, offload, fake_cuda_streamer):
+    """A prune that stops on an error (a NaN in block 0) leaves no block on the device: every
+    parameter points at the storage it had before, and the worker is stopped."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
+    storage = {name: p.data_ptr() for name, p in model.named_parameters()}
+    with fake_cuda_streamer() as calls, pytest.raises(PrunekitError, match="NaN/inf in the pruning scores of block 0"):
+        prune(model, PruneConfig(method="wanda", nsamples=8, seqlen=32, dtype="float32", device="cpu",
+                                 offload=offload), samples)
+    assert calls["up"]  # the stand-ins were in use
+    assert storage == {name: p.data_ptr() for name, p in model.named_parameters()}
 
 
 def test_visiting_points_back_without_copying():

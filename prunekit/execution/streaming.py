@@ -59,7 +59,8 @@ def visiting(module: nn.Module, device: torch.device | str, exclude: nn.Module |
 class BlockStreamer:
     """onload(i) before block i computes, offload(i) when block i is pruned (its weights go back to
     the host), release(i) for a block that was only read. `finish()` waits for the last copies: the
-    host weights are final after it; `close()` (always, also after an error) stops the worker."""
+    host weights are final after it; `close()` (always, also after an error) brings back any block
+    still on the device and stops the worker."""
 
     def __init__(self, blocks: nn.ModuleList, device: torch.device, plan: Plan):
         self.blocks, self.device = blocks, device
@@ -168,8 +169,14 @@ class BlockStreamer:
         torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
-        """Stop the worker once its queued copies have run (after an error too; errors there are the
-        caller's no longer)."""
-        if self.worker is not None:
+        """Stop the worker, always (also after an error). A block an error left on the device goes back
+        to its host tensors first, as it is then; an error in doing so gives way to the first one."""
+        if self.worker is None:
+            return
+        try:
+            if self.installed:
+                with contextlib.suppress(Exception):
+                    self.finish()
+        finally:
             self.worker.shutdown(wait=True)
             self.worker = None
