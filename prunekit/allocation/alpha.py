@@ -15,7 +15,7 @@ import torch
 
 from ..errors import PrunekitError
 from . import Allocation, register_allocator
-from .esd import ALPHA_METRICS, esd_eigenvalues_batched, resolve_precision
+from .esd import ALPHA_METRICS, esd_eigenvalues_batched, resolve_precision, working_bytes
 from .mapping import alpha_ratios, scale_to_target
 
 _FINGERPRINT_CHUNK = {"cpu": 1 << 16, "cuda": 1 << 22}  # float64 elements per block; a CPU block stays in L2
@@ -106,14 +106,13 @@ CUDA_ESD_STREAMS = 4  # eigensolves in flight at once on a GPU (bench/bench_esd.
 def esd_streams(weights: list[tuple[str, torch.Tensor]], device, precision: str, free: int | None = None) -> int:
     """How many eigensolves to keep in flight: CUDA_ESD_STREAMS on a GPU, fewer where half the free
     GPU memory (`free`, default torch.cuda.mem_get_info) does not hold that many of the largest
-    matrix's working set (the matrix, its Gram and eigvalsh's copy, in `precision`); 1 on the CPU,
-    whose LAPACK already uses every core for one."""
+    matrix's working set (esd.working_bytes); 1 on the CPU, whose LAPACK already uses every core
+    for one."""
     if torch.device(device).type != "cuda" or not weights:
         return 1
     if free is None:
         free = torch.cuda.mem_get_info(torch.device(device))[0]
-    itemsize = 8 if precision == "float64" else 4
-    need = max((w.shape[0] * w.shape[1] + 2 * min(w.shape) ** 2) * itemsize for _, w in weights)
+    need = max(working_bytes(tuple(w.shape), precision) for _, w in weights)
     return max(1, min(CUDA_ESD_STREAMS, free // 2 // need))
 
 

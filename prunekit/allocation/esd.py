@@ -56,6 +56,13 @@ def _ieee_float32():
         torch.set_float32_matmul_precision(previous)
 
 
+def working_bytes(shape: tuple[int, int], precision: str) -> int:
+    """Device bytes one weight of `shape` takes while its eigenvalues are computed in `precision`:
+    the weight, its Gram matrix and eigvalsh's copy of it."""
+    rows, cols = shape
+    return (rows * cols + 2 * min(rows, cols) ** 2) * torch.empty((), dtype=getattr(torch, precision)).element_size()
+
+
 def esd_eigenvalues(weight: torch.Tensor, precision: str = "float64") -> torch.Tensor:
     """Eigenvalues lambda_k = sigma_k(W)^2 of a 2-D weight, ascending, float64, on the CPU.
 
@@ -95,12 +102,10 @@ def esd_eigenvalues_batched(weights: list[torch.Tensor], precision: str = "float
             raise ValueError(f"esd_eigenvalues needs 2-D weights, got shape {tuple(w.shape)}")
         by_shape[tuple(w.shape)].append(i)
     out = [None] * len(weights)
-    itemsize = torch.empty((), dtype=dtype).element_size()
     streams = max(1, streams)
     parts = []
     for (rows, cols), idx in by_shape.items():
-        per_matrix = (rows * cols + 2 * min(rows, cols) ** 2) * itemsize  # W, Gram, eigvalsh's copy
-        step = max(1, max_bytes // streams // per_matrix)
+        step = max(1, max_bytes // streams // working_bytes((rows, cols), precision))
         parts += [(rows, cols, idx[s:s + step]) for s in range(0, len(idx), step)]
 
     def solve(rows, cols, part):

@@ -263,8 +263,16 @@ class DiskBlocks:
         self.blocks[i].to("meta")
         _trim_heap()
 
+    # BlockStreamer's other verbs, which have nothing to do here: each block is read when it is onloaded,
+    # and nothing runs in the background
+    def start(self, first: int = 0) -> None:
+        pass
+
+    def install_all(self) -> None:
+        pass
+
     def close(self) -> None:
-        """Nothing runs in the background here (the loop's counterpart of BlockStreamer.close)."""
+        pass
 
     def finish(self) -> None:
         if self.writer is not None:

@@ -380,7 +380,7 @@ class BlockLoop:
                     scratch=self.scratch)
         self.start = self.checkpoint.done if self.checkpoint is not None else 0
         if not self.start:
-            if config.allocation != "uniform" and self.disk is None:
+            if config.allocation != "uniform":
                 with self.phases.host("weights in (host)"):
                     self.streamer.install_all()  # plan `device`: the allocation sees every weight there
             ctx = AllocationContext(model, adapter, config, self.compute, self.acts, self.streamer)
@@ -401,8 +401,7 @@ class BlockLoop:
                 self.checkpoint.write_finished(self.streamer)
         if config.record_error and self.acts is not None:
             self.dense = self.acts.clone()
-        if self.disk is None:
-            self.streamer.start(self.start)
+        self.streamer.start(self.start)
 
     def prune_block(self, i: int, block: nn.Module) -> None:
         """Statistics pass, masks (once, on rank 0), pruned pass making the next block's inputs."""

@@ -160,7 +160,7 @@ class BlockStreamer:
         """Every block back on the host, every copy done: the host weights are final."""
         if not self.active:
             return
-        for i in list(self.installed):  # read, never pruned (plan `device`): back, copied if it changed
+        for i in list(self.installed):  # still on the device (plan `device`, never pruned): copied back
             self.offload(i)
         for future in [*self.pending.values(), *self.copies_back]:
             future.result()
