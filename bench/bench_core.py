@@ -24,7 +24,9 @@ from prunekit.evaluate import perplexity  # noqa: E402
 from prunekit.loading import load  # noqa: E402
 
 # "--no-bias-update": what the v2 reference runs (unstructured only); "--stats-dtype float32": bf16 pruned
-# passes with float32 statistics passes (low-precision dtypes only)
+# passes with float32 statistics passes (low-precision dtypes only); "--compile" (not run by default): the
+# block passes under torch.compile, its compile included in the prune seconds (set TORCHINDUCTOR_CACHE_DIR
+# to an empty folder for a cold compile)
 METHODS = ["magnitude", "wanda", "stade", "stade --no-bias-update", "stade-w", "wanda --stats-dtype float32",
            "sparsegpt"]
 PATTERNS = ["unstructured", "2:4", "4:8"]
@@ -69,7 +71,8 @@ def main():
         words = label.split()
         stats_dtype = words[words.index("--stats-dtype") + 1] if "--stats-dtype" in words else None
         config = PruneConfig(method=words[0], pattern=pattern, nsamples=32, seqlen=512, seed=0, dtype=dtype,
-                             stats_dtype=stats_dtype, device="cpu", bias_update="--no-bias-update" not in words)
+                             stats_dtype=stats_dtype, device="cpu", bias_update="--no-bias-update" not in words,
+                             compile="--compile" in words)
         with PeakRSS() as rss:
             report = prune(net, config, samples, adapter)
         t = time.perf_counter()

@@ -165,13 +165,17 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, help="cut the depth to N blocks")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--runs", nargs="*", default=RUNS, help="'METHOD [N:M] [ALLOCATION]'")
+    ap.add_argument("--runs", nargs="*", default=RUNS,
+                    help="'METHOD [N:M] [ALLOCATION] [--compile]' (--compile: the block passes under torch.compile, "
+                         "the compile counted in the prune seconds)")
     ap.add_argument("--offload", nargs="+", default=["auto"], help="plans to time: auto none weights cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--activation-dtype", nargs="+", default=["auto"],
                     help="storage dtypes of the block inputs to time: auto float32 bfloat16")
     ap.add_argument("--compile-trial", action="store_true", help="time torch.compile on a block pass")
+    ap.add_argument("--compile-floor", action="store_true",
+                    help="also the floor with the block passes under torch.compile (after one compiling round)")
     ap.add_argument("--no-floor", action="store_true", help="skip the floor measurement")
     ap.add_argument("--floor-parts", action="store_true",
                     help="also split the floor: full pass, statistics pass with and without its sums")
@@ -188,6 +192,10 @@ def main(argv=None):
     floor = None if args.no_floor else floor_seconds(model, adapter, ids, PruneConfig(**base))
     if floor is not None:
         print(f"{args.shape} x {len(adapter.blocks(model))} blocks: floor {floor:.2f} s", flush=True)
+    if args.compile_floor:
+        info["floor_compiled_s"] = floor_seconds(model, adapter, ids, PruneConfig(**base, compile=True))
+        print(f"floor under torch.compile {info['floor_compiled_s']:.2f} s", flush=True)
+        write_results(args.out, [], info)
     if args.floor_parts:
         info["floor_parts"] = floor_parts(model, adapter, ids, PruneConfig(**base))
         print("floor parts:", info["floor_parts"], flush=True)
@@ -200,18 +208,18 @@ def main(argv=None):
     for label in args.runs:
         words = label.split()
         pattern = next((w for w in words[1:] if ":" in w), "unstructured")
-        allocation = next((w for w in words[1:] if ":" not in w), "uniform")
+        allocation = next((w for w in words[1:] if ":" not in w and not w.startswith("--")), "uniform")
         for offload, storage in [(o, s) for o in args.offload for s in args.activation_dtype]:
             del model
             model = build_model(args.shape, args.layers, torch.bfloat16)
             config = PruneConfig(method=words[0], pattern=pattern, allocation=allocation, offload=offload,
-                                 activation_dtype=storage, **base)
+                                 activation_dtype=storage, compile="--compile" in words, **base)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             with PeakRSS() as rss:
                 report = prune(model, config, ids, adapter, log=print)
-            row = {"run": label, "offload": offload, "plan": report.placement["name"],
+            row = {"run": label, "offload": offload, "plan": report.placement["name"], "compile": config.compile,
                    "storage": report.placement["storage_dtype"],
                    "prune_s": report.prune_seconds, "floor_s": floor,
                    "vs_floor": report.prune_seconds / floor if floor else None,

@@ -10,6 +10,7 @@
 #   bash bench/gpu_session.sh storage # float32 vs bf16 block inputs, Wanda 50 % and 2:4 (~3 min)
 #   bash bench/gpu_session.sh next    # what changed since the last GPU run, first (~8 min): the plans'
 #                                     # equality on the GPU, the worker-thread weight copies, ESD streams
+#   bash bench/gpu_session.sh compile # --compile end to end, cold and warm inductor cache (~4 min)
 #   bash bench/gpu_session.sh         # both
 set -u
 cd "$(dirname "$0")/.."
@@ -34,6 +35,19 @@ if [ "${1:-}" = smoke ]; then
 fi
 
 part=${1:-all}
+if [ "$part" = compile ]; then
+  # the block passes under torch.compile, end to end: a cold compile (empty inductor cache, its own
+  # process), then the same runs again with the cache the first process left (warm), then the floor
+  # both ways in one process (the eager floor first)
+  export TORCHINDUCTOR_CACHE_DIR="$OUT/inductor-cache"
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+  step 150 $PY bench/bench_gpu.py --shape 7b --no-floor --runs "wanda --compile" "wanda 2:4 --compile" \
+    --out "$OUT/gpu_compile_cold.json"
+  step 120 $PY bench/bench_gpu.py --shape 7b --no-floor --runs "wanda --compile" wanda --out "$OUT/gpu_compile_warm.json"
+  step 90 $PY bench/bench_gpu.py --shape 7b --runs --compile-floor --out "$OUT/gpu_compile_floor.json"
+  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+  exit 0
+fi
 if [ "$part" = next ]; then
   # correctness first: on the GPU every plan gives the same model (the worker's weight copies, biases
   # added on the device included), and the CUDA-only tests

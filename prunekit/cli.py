@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "safetensors copy is kept and reused")
     p.add_argument("--record-error", action="store_true",
                    help="record each block's relative output error (pruned vs dense) in the JSON")
+    p.add_argument("--compile", action="store_true",
+                   help="run the block passes under torch.compile: fuses the elementwise work and the statistics; "
+                        "the first block of each pass kind pays the compile (README, GPU)")
     p.add_argument("--esd-dtype", default="auto", help="AlphaPruning eigensolver precision: auto, float32, float64")
     p.add_argument("--no-bias-update", action="store_true", help="STADE without mean compensation")
     p.add_argument("--sparsegpt-arithmetic", default="fast",
@@ -135,6 +138,7 @@ def _config(args) -> PruneConfig:
                        scratch_dir=args.scratch_dir, save_format=args.save_format, resume=args.resume,
                        checkpoint=not args.no_checkpoint, checkpoint_dir=args.checkpoint_dir, max_shard_size=args.max_shard_size, gguf_cache=args.gguf_cache,
                        record_error=args.record_error, allow_long_context=args.allow_long_context,
+                       compile=args.compile,
                        bias_update=not args.no_bias_update,
                        wanda_variant=args.wanda_variant, sparsegpt_arithmetic=args.sparsegpt_arithmetic,
                        **_allocation_options(args))

@@ -21,3 +21,16 @@ def test_bench_gpu_tiny(tmp_path, monkeypatch):
         assert row["sparsity"] > 0.49 and row["placement"]["line"].startswith("placement:")
         assert {"statistics pass", "masks"} <= set(row["phases"])
     assert saved["meta"]["shape"] == "tiny" and saved["meta"]["blocks"] == 2
+
+
+def test_bench_gpu_compiled_rows(tmp_path, monkeypatch):
+    """A '--compile' run prunes with the block passes compiled, and --compile-floor measures the
+    compiled floor beside the eager one."""
+    monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    import bench_gpu
+    out = tmp_path / "gpu.json"
+    rows = bench_gpu.main(["--shape", "tiny", "--layers", "2", "--nsamples", "4", "--seqlen", "64",
+                           "--runs", "wanda --compile", "--compile-floor", "--dtype", "float32", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert [(r["run"], r["compile"]) for r in rows] == [("wanda --compile", True)]
+    assert rows[0]["sparsity"] > 0.49 and saved["meta"]["floor_compiled_s"] > 0

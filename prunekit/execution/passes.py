@@ -165,7 +165,7 @@ def run_block(block: nn.Module, inputs: Activations, compute: Compute, outputs: 
         for sl, h in inputs.batches(compute.device):
             args, kwargs = inputs.extra[sl.start // inputs.batch_size]
             try:
-                out = block(compute.hidden(h), *compute.tree(args), **compute.tree(kwargs))
+                out = compute.call(block, compute.hidden(h), compute.tree(args), compute.tree(kwargs))
             except StopForward:
                 continue
             out = out[0] if isinstance(out, (tuple, list)) else out
@@ -215,7 +215,10 @@ def collect_stats(linears: dict[str, nn.Module], stop_after: str | None = None, 
                 stats[name].update(x)
             if name == stop_after:
                 raise StopForward
-        handles.append(module.register_forward_pre_hook(hook))
+        # eager under --compile too: Dynamo would trace the hook's Python state (the shared dict, the
+        # identity check, the early stop) into code that every block reuses; a graph break here keeps
+        # each block's statistics its own
+        handles.append(module.register_forward_pre_hook(torch.compiler.disable(hook)))
     try:
         yield stats
     finally:

@@ -61,6 +61,7 @@ class Compute:
     device: torch.device
     dtype: torch.dtype
     store: torch.dtype | None = None  # storage dtype of block inputs/outputs; None: the compute dtype
+    compiled: bool = False            # block calls under torch.compile (--compile)
 
     @classmethod
     def from_config(cls, config) -> "Compute":
@@ -69,7 +70,7 @@ class Compute:
         dtype (see plan_storage)."""
         device = resolve_device(config.device)
         store = torch.float32 if config.activation_dtype == "auto" else DTYPES[config.activation_dtype]
-        return cls(device, resolve_dtype(config.dtype, device), store)
+        return cls(device, resolve_dtype(config.dtype, device), store, compiled=config.compile)
 
     @staticmethod
     def storage_is_planned(config, device: torch.device) -> bool:
@@ -83,7 +84,7 @@ class Compute:
         """The dense statistics passes: --stats-dtype, else --dtype. Their precision decides the masks;
         the pruned passes that only carry inputs forward tolerate bf16 (see README, Benchmarks)."""
         device = resolve_device(config.device)
-        return cls(device, resolve_dtype(config.stats_dtype or config.dtype, device))
+        return cls(device, resolve_dtype(config.stats_dtype or config.dtype, device), compiled=config.compile)
 
     @property
     def mixed(self) -> bool:
@@ -120,7 +121,7 @@ class Compute:
         for p, dtype in wanted:
             saved.append((p, p.data))
             p.data = p.data.to(dtype)
-        if self.mixed:
+        if self.mixed and not self.compiled:  # compiled: the graph converts each input once anyway
             matmul_weights = {id(p) for p in params if p.dim() >= 2 and p.dtype == self.dtype}
             lower = _LowerOnce(self.dtype)
             handles = [m.register_forward_pre_hook(lower) for m in module.modules()
@@ -134,6 +135,14 @@ class Compute:
                 h.remove()
             for p, data in saved:
                 p.data = data
+
+    def call(self, block: nn.Module, h: torch.Tensor, args: tuple, kwargs: dict):
+        """One forward of `block` on a batch, eager or (--compile) through the one compiled caller that
+        every block shares (see compiled.py)."""
+        if self.compiled:
+            from .compiled import compiled_call
+            return compiled_call(block, h, args, kwargs)
+        return block(h, *args, **kwargs)
 
     def hidden(self, h: torch.Tensor) -> torch.Tensor:
         """The residual stream enters a block as float32 (autocast lowers it where a matmul reads it)."""

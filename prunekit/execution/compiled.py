@@ -1,0 +1,54 @@
+"""--compile: the block passes under torch.compile.
+
+One compiled caller, `block(h, *args, **kwargs)`, serves every block of a prune: Dynamo traces into
+the block with its hooks (the statistics' sums, the mixed-precision input lowering, a statistics
+pass's early stop) and guards on the block's structure, the hooks present, dtypes, shapes and the
+autocast state, not on which block it is. So a model compiles once per kind of pass (statistics,
+pruned, each precision; a smaller last batch adds a dynamic-shape variant) on its first block, and
+the other blocks reuse the compiled code (tests/test_compile.py counts the graphs). Inductor fuses
+the elementwise work between the matmuls (norms, rotary, SiLU·up, residual adds, the casts) and the
+statistics' float32 sums of squares into the kernels that produce their inputs.
+
+It pays where the compile costs less than what fusing saves over all blocks: a deep model, or a
+warm inductor cache (TORCHINDUCTOR_CACHE_DIR) from an earlier run of the same shapes. It is off by
+default; README ("GPU") gives the measured trade.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import PrunekitError
+
+RECOMPILE_LIMIT = 64  # per code object: pass kinds x precisions x last-batch shapes, far below this
+_compiled = None
+
+
+def _call(block: nn.Module, h: torch.Tensor, args: tuple, kwargs: dict):
+    return block(h, *args, **kwargs)
+
+
+def compiled_call(block: nn.Module, h: torch.Tensor, args: tuple, kwargs: dict):
+    """block(h, *args, **kwargs) through the shared compiled caller. A failure of the compiler itself
+    (no C++ compiler or Triton, an unsupported op) is a one-line error, not a traceback from inside it."""
+    global _compiled
+    if _compiled is None:
+        import torch._dynamo
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        _compiled = torch.compile(_call)
+    try:
+        return _compiled(block, h, args, kwargs)
+    except _compiler_errors() as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PrunekitError(f"--compile failed in torch.compile ({reason[:200]}): run without --compile") from None
+
+
+def _compiler_errors() -> tuple[type, ...]:
+    import torch._dynamo.exc as dynamo_exc
+    errors = [dynamo_exc.BackendCompilerFailed, dynamo_exc.InternalTorchDynamoError]
+    try:
+        from torch._inductor.exc import InductorError
+        errors.append(InductorError)
+    except ImportError:
+        pass
+    return tuple(errors)

@@ -1,0 +1,81 @@
+"""--compile: the block passes under torch.compile give the eager prune's masks, and the compiled code
+is shared by the blocks (a deep model compiles once per pass kind, not once per block)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prunekit import PruneConfig, prune
+from prunekit.errors import PrunekitError
+from prunekit.execution import compiled
+
+
+def _deep_llama(layers: int):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return LlamaForCausalLM(config).eval()
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_passes_give_the_eager_masks_and_compile_once(device, samples, monkeypatch):
+    """Float32 STADE (statistics with means and variances, bias update) over 4 blocks: the compiled
+    prune zeroes the same weights as the eager one, its kept weights and biases agree to float32
+    rounding, and no graph is compiled after the second block."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    graphs_at_block = []
+    real_call = compiled.compiled_call
+
+    def counting(block, h, args, kwargs):
+        graphs_at_block.append((block, counters["stats"]["unique_graphs"]))
+        return real_call(block, h, args, kwargs)
+    monkeypatch.setattr(compiled, "compiled_call", counting)
+
+    models = {}
+    for compile_ in (False, True):
+        model = models[compile_] = _deep_llama(4)
+        config = PruneConfig(method="stade", nsamples=8, seqlen=32, batch_size=4, dtype="float32", device=device,
+                             compile=compile_, offload="none")
+        prune(model, config, samples)
+    eager, fused = models[False].state_dict(), models[True].state_dict()
+    for name, value in eager.items():
+        assert torch.equal(value == 0, fused[name] == 0), name
+        torch.testing.assert_close(fused[name], value, rtol=1e-4, atol=1e-6)
+
+    blocks = list(models[True].model.layers)
+    first_call = {}
+    for block, graphs in graphs_at_block:
+        first_call.setdefault(blocks.index(block), graphs)
+    assert sorted(first_call) == [0, 1, 2, 3]
+    final = counters["stats"]["unique_graphs"]
+    assert first_call[0] == 0 < first_call[1]  # compiled on block 0 (statistics pass, pruned pass)
+    assert first_call[2] == first_call[3] == final, (first_call, final)  # blocks 2 and 3 compiled nothing
+
+
+def test_compile_flag_round_trips_and_reaches_the_passes():
+    from prunekit.cli import build_parser
+    args = build_parser().parse_args(["prune", "--model", "m", "--compile"])
+    from prunekit.cli import _config
+    config = _config(args)
+    assert config.compile is True
+    assert PruneConfig.from_dict(config.to_dict()).compile is True
+    from prunekit.execution import Compute
+    assert Compute.from_config(config).compiled and Compute.for_stats(config).compiled
+    assert not Compute.from_config(PruneConfig()).compiled
+
+
+def test_a_compiler_failure_is_one_line(samples, monkeypatch):
+    def broken(*args):
+        raise torch._dynamo.exc.InternalTorchDynamoError("no C++ compiler found\nlong traceback")
+    monkeypatch.setattr(compiled, "_compiled", broken)
+    model = tiny_model("llama")
+    with pytest.raises(PrunekitError, match=r"^--compile failed in torch.compile \(no C\+\+ compiler found\): "
+                                            r"run without --compile$"):
+        prune(model, PruneConfig(method="wanda", nsamples=8, seqlen=32, device="cpu", compile=True), samples)
