@@ -19,6 +19,7 @@ import torch
 CHUNK = 128  # query rows per step; smaller chunks skip more of the masked triangle in more, smaller matmuls
 
 
+@torch.compiler.disable  # under --compile it runs as it is: its out= views into strided buffers do not trace
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
                      chunk: int = CHUNK) -> torch.Tensor:
     """query (B, H, T, D), key/value (B, KV, T, D) with H a multiple of KV (grouped queries share a

@@ -39,8 +39,15 @@ def compiled_call(block: nn.Module, h: torch.Tensor, args: tuple, kwargs: dict):
     try:
         return _compiled(block, h, args, kwargs)
     except _compiler_errors() as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PrunekitError(f"--compile failed in torch.compile ({reason[:200]}): run without --compile") from None
+        raise PrunekitError(f"--compile failed in torch.compile ({_reason(e)}): run without --compile") from None
+
+
+def _reason(error: Exception) -> str:
+    """The first line of what went wrong inside the compiler (the backend's own error where it wraps one)."""
+    inner = getattr(error, "inner_exception", None) or error.__cause__ or error
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    return (f"{type(inner).__name__}: {lines[0]}" if lines and inner is not error else lines[0] if lines
+            else type(inner).__name__)[:200]
 
 
 def _compiler_errors() -> tuple[type, ...]:
