@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record-error", action="store_true",
                    help="record each block's relative output error (pruned vs dense) in the JSON")
     p.add_argument("--compile", action="store_true",
-                   help="run the block passes under torch.compile: fuses the elementwise work and the statistics; "
-                        "the first block of each pass kind pays the compile (README, GPU)")
+                   help="run the block passes under torch.compile, which fuses the elementwise work between the "
+                        "matmuls; the first blocks pay the compile (README: off by default, and why)")
     p.add_argument("--esd-dtype", default="auto", help="AlphaPruning eigensolver precision: auto, float32, float64")
     p.add_argument("--no-bias-update", action="store_true", help="STADE without mean compensation")
     p.add_argument("--sparsegpt-arithmetic", default="fast",

@@ -1,13 +1,18 @@
 """--compile: the block passes under torch.compile.
 
-One compiled caller, `block(h, *args, **kwargs)`, serves every block of a prune: Dynamo traces into
-the block with its hooks (the statistics' sums, the mixed-precision input lowering, a statistics
-pass's early stop) and guards on the block's structure, the hooks present, dtypes, shapes and the
-autocast state, not on which block it is. So a model compiles once per kind of pass (statistics,
-pruned, each precision; a smaller last batch adds a dynamic-shape variant) on its first block, and
-the other blocks reuse the compiled code (tests/test_compile.py counts the graphs). Inductor fuses
-the elementwise work between the matmuls (norms, rotary, SiLU·up, residual adds, the casts) and the
-statistics' float32 sums of squares into the kernels that produce their inputs.
+One compiled caller, `block(h, *args, **kwargs)`, serves every block of a prune. Dynamo traces into
+the block and guards on its structure, the hooks present, dtypes, shapes and the autocast state,
+not on which block it is. So a model compiles once per kind of pass (statistics, pruned, each
+precision; a smaller last batch adds a dynamic-shape variant) on its first blocks, and the other
+blocks reuse the compiled code (tests/test_compile.py counts the graphs). Inductor fuses the
+elementwise work between the matmuls: norms, rotary, SiLU·up, residual adds, and autocast's casts
+(the eager passes' _LowerOnce hooks are left off under --compile, so a pruned pass is one graph).
+
+What stays eager, each a graph break: the statistics hooks (Dynamo would trace their Python state,
+the dict they fill, the identity check and the early stop, into code that every block reuses; in a
+trial later blocks lost their statistics), and prunekit's CPU bf16 attention kernel (its out= views
+into strided buffers do not trace). So a statistics pass is several graphs, one between each pair
+of hooked inputs, and casts a shared input once per linear that reads it.
 
 It pays where the compile costs less than what fusing saves over all blocks: a deep model, or a
 warm inductor cache (TORCHINDUCTOR_CACHE_DIR) from an earlier run of the same shapes. It is off by
