@@ -89,6 +89,29 @@ def test_every_architecture_compiles(arch, samples):
                 assert torch.equal(value == 0, states[1][name] == 0), name
 
 
+@pytest.mark.parametrize("options", [dict(method="sparsegpt"), dict(method="wanda", allocation="alpha", pattern="2:4"),
+                                     dict(method="wanda", allocation="owl"), dict(method="stade", record_error=True)],
+                         ids=["sparsegpt", "alpha-2:4", "owl", "record-error"])
+def test_compile_with_every_kind_of_pass(options, samples, monkeypatch, tmp_path):
+    """SparseGPT's Gram statistics and weight updates, an allocation's dense pass, --record-error's
+    full statistics pass with dense outputs: float32, the compiled prune's model is the eager one's."""
+    monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path))
+    results = []
+    for compile_ in (False, True):
+        model = tiny_model("llama")
+        report = prune(model, PruneConfig(nsamples=8, seqlen=32, batch_size=3, dtype="float32", device="cpu",
+                                          compile=compile_, **options), samples)
+        results.append((model.state_dict(), report))
+    (eager, eager_report), (fused, fused_report) = results
+    assert eager_report.layers == fused_report.layers
+    for name, value in eager.items():
+        assert torch.equal(value == 0, fused[name] == 0), name
+        torch.testing.assert_close(fused[name], value, rtol=1e-4, atol=1e-5)
+    if options.get("record_error"):
+        for a, b in zip(eager_report.block_error, fused_report.block_error):
+            assert a["rel_mse"] == pytest.approx(b["rel_mse"], rel=1e-3)
+
+
 def test_a_compiler_failure_is_one_line(samples, monkeypatch):
     def broken(*args):
         try:
