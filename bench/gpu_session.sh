@@ -8,9 +8,13 @@
 #   bash bench/gpu_session.sh prune   # the pruning benchmarks (~8.5 min on an H200)
 #   bash bench/gpu_session.sh speed   # the 2:4 speed benchmarks (~5 min)
 #   bash bench/gpu_session.sh storage # float32 vs bf16 block inputs, Wanda 50 % and 2:4 (~3 min)
-#   bash bench/gpu_session.sh next    # what changed since the last GPU run, first (~8 min): the plans'
-#                                     # equality on the GPU, the worker-thread weight copies, ESD streams
-#   bash bench/gpu_session.sh compile # --compile end to end, cold and warm inductor cache (~4 min)
+#   bash bench/gpu_session.sh next    # the issue's targets under what changed since the last GPU run,
+#                                     # in one call (~9 min): CUDA tests, Wanda under each plan with the
+#                                     # floor's parts, Wanda and 2:4 under --compile (cold compile),
+#                                     # 2:4, STADE and AlphaPruning eager
+#   bash bench/gpu_session.sh more    # the rest of what changed (~6 min): ESD streams, N:M selection,
+#                                     # float32 vs bf16 block inputs, --compile with a warm cache, the
+#                                     # compiled floor
 #   bash bench/gpu_session.sh         # both
 set -u
 cd "$(dirname "$0")/.."
@@ -35,34 +39,36 @@ if [ "${1:-}" = smoke ]; then
 fi
 
 part=${1:-all}
-if [ "$part" = compile ]; then
-  # the block passes under torch.compile, end to end: a cold compile (empty inductor cache, its own
-  # process), then the same runs again with the cache the first process left (warm), then the floor
-  # both ways in one process (the eager floor first)
-  export TORCHINDUCTOR_CACHE_DIR="$OUT/inductor-cache"
-  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
-  step 150 $PY bench/bench_gpu.py --shape 7b --no-floor --runs "wanda --compile" "wanda 2:4 --compile" \
-    --out "$OUT/gpu_compile_cold.json"
-  step 120 $PY bench/bench_gpu.py --shape 7b --no-floor --runs "wanda --compile" wanda --out "$OUT/gpu_compile_warm.json"
-  step 90 $PY bench/bench_gpu.py --shape 7b --runs --compile-floor --out "$OUT/gpu_compile_floor.json"
-  rm -rf "$TORCHINDUCTOR_CACHE_DIR"
-  exit 0
-fi
 if [ "$part" = next ]; then
   # correctness first: on the GPU every plan gives the same model (the worker's weight copies, biases
-  # added on the device included), and the CUDA-only tests
+  # added on the device included), and the CUDA-only tests (--compile's is left to the next step)
   step 90 $PY -m pytest -q -p no:cacheprovider tests/test_placement.py tests/test_speed.py -k "cuda or every_plan or streamer"
+  # Wanda 50 % under each plan with the worker-thread weight copies, the floor, and where the floor's
+  # time goes (full pass, statistics pass with and without its sums, two ways to a sum of squares)
+  step 180 $PY bench/bench_gpu.py --shape 7b --runs wanda --offload auto weights cpu --floor-parts \
+    --out "$OUT/gpu_wanda_copies.json"
+  # --compile end to end with a cold compile: an empty inductor cache, its own process (the 2:4 row
+  # reuses the compiled code in memory); the inductor cache is kept for `more`
+  TORCHINDUCTOR_CACHE_DIR="$OUT/inductor-cache" step 150 $PY bench/bench_gpu.py --shape 7b --no-floor \
+    --runs "wanda --compile" "wanda 2:4 --compile" --out "$OUT/gpu_compile_cold.json"
+  # 2:4 (N:M by stable ranks), STADE, AlphaPruning on the whole model (CUDA_ESD_STREAMS eigensolves)
+  step 150 $PY bench/bench_gpu.py --shape 7b --no-floor --runs "wanda 2:4" stade "wanda alpha" --out "$OUT/gpu_runs.json"
+  exit 0
+fi
+if [ "$part" = more ]; then
+  # --compile's CUDA test, and --compile with the inductor cache `next` left (warm) beside eager Wanda
+  # in the same process, then the floor eager and compiled
+  TORCHINDUCTOR_CACHE_DIR="$OUT/inductor-cache" step 120 $PY -m pytest -q -p no:cacheprovider tests/test_compile.py -k cuda
+  TORCHINDUCTOR_CACHE_DIR="$OUT/inductor-cache" step 120 $PY bench/bench_gpu.py --shape 7b --no-floor \
+    --runs "wanda --compile" wanda --out "$OUT/gpu_compile_warm.json"
+  TORCHINDUCTOR_CACHE_DIR="$OUT/inductor-cache" step 90 $PY bench/bench_gpu.py --shape 7b --runs --compile-floor \
+    --out "$OUT/gpu_compile_floor.json"
+  rm -rf "$OUT/inductor-cache"
   # ESD: 1, 2 and 4 eigensolves in flight at once (CUDA streams), 4 blocks of 7B shape
   step 60 $PY bench/bench_esd.py --random 7b --layers 4 --device cuda --precisions float64 --streams 1 2 4 \
     --skip-byte-key --out "$OUT/esd_streams.json"
   # mask selection: N:M by stable ranks (prunekit's on a GPU now) against topk, 7B shapes
   step 40 $PY bench/bench_masks.py --device cuda --out "$OUT/masks.json"
-  # Wanda 50 % under each plan with the worker-thread weight copies, the floor, and where the floor's
-  # time goes (full pass, statistics pass with and without its sums, two ways to a sum of squares)
-  step 180 $PY bench/bench_gpu.py --shape 7b --runs wanda --offload auto weights cpu --floor-parts \
-    --out "$OUT/gpu_wanda_copies.json"
-  # AlphaPruning on top of Wanda, the whole model (ESD of 224 matrices, CUDA_ESD_STREAMS at once)
-  step 110 $PY bench/bench_gpu.py --shape 7b --no-floor --runs "wanda alpha" --out "$OUT/gpu_alpha.json"
   # float32 (auto) against bf16 block inputs, Wanda 50 %
   step 110 $PY bench/bench_gpu.py --shape 7b --no-floor --runs wanda --activation-dtype bfloat16 --out "$OUT/gpu_storage.json"
   exit 0
