@@ -39,7 +39,9 @@ def compiled_call(block: nn.Module, h: torch.Tensor, args: tuple, kwargs: dict):
     global _compiled
     if _compiled is None:
         import torch._dynamo
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        config = torch._dynamo.config  # the limit's name before torch 2.6: cache_size_limit
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, limit, max(getattr(config, limit), RECOMPILE_LIMIT))
         _compiled = torch.compile(_call)
     try:
         return _compiled(block, h, args, kwargs)
