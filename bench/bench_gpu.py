@@ -27,6 +27,7 @@ from prunekit.execution.precision import synchronize  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, heads, kv heads, blocks
     "tiny": (256, 688, 4, 4, 2),
+    "135m": (576, 1536, 9, 3, 30),   # SmolLM2-135M's shape: CPU runs beside the core benchmark
     "7b": (4096, 11008, 32, 32, 32),
     "13b": (5120, 13824, 40, 40, 40),
     "70b": (8192, 28672, 64, 8, 80),
