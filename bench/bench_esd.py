@@ -28,7 +28,8 @@ from prunekit.allocation.alpha import block_weights, weights_key  # noqa: E402
 from prunekit.allocation.esd import alpha_mid, alpha_peak, esd_eigenvalues_batched, resolve_precision  # noqa: E402
 
 # hidden, intermediate, k/v output size of LLaMA-shaped blocks
-SHAPES = {"7b": (4096, 11008, 4096), "13b": (5120, 13824, 5120), "small": (256, 688, 64)}
+SHAPES = {"7b": (4096, 11008, 4096), "13b": (5120, 13824, 5120), "small": (256, 688, 64),
+          "tiny": (256, 688, 256)}  # tiny: bench_gpu.py's tiny shape, for dry runs of bench/gpu_session.sh
 COLUMNS = [("precision", "precision", ""), ("max_dpeak", "max abs d alpha_peak", ".2e"),
            ("max_dmid", "max abs d alpha_mid", ".2e"), ("over_1e3", "matrices > 1e-3", "d"),
            ("auto_for", "auto for", ""), ("esd_seconds", "ESD s", ".2f"),

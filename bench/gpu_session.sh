@@ -12,9 +12,9 @@
 #                                     # in one call (~9 min): CUDA tests, Wanda under each plan with the
 #                                     # floor's parts, Wanda and 2:4 under --compile (cold compile),
 #                                     # 2:4, STADE and AlphaPruning eager
-#   bash bench/gpu_session.sh more    # the rest of what changed (~6 min): ESD streams, N:M selection,
-#                                     # float32 vs bf16 block inputs, --compile with a warm cache, the
-#                                     # compiled floor
+#   bash bench/gpu_session.sh more    # the rest of what changed (~8 min): --compile's CUDA test and
+#                                     # with a warm cache, the compiled floor, ESD streams, N:M selection
+#                                     # (float32 vs bf16 block inputs: `storage`)
 #   bash bench/gpu_session.sh         # both
 set -u
 cd "$(dirname "$0")/.."
@@ -39,38 +39,45 @@ if [ "${1:-}" = smoke ]; then
 fi
 
 part=${1:-all}
+# `next` and `more` take their sizes from here, so that they can be dry-run on the CPU first:
+#   SHAPE=tiny SIZE="--layers 2 --nsamples 8 --seqlen 64" DEV=cpu MASK_ARGS="--shapes 64x64 --repeat 1" \
+#     ESD_LAYERS=1 OUT=/tmp/gpu-dry bash bench/gpu_session.sh next
+SHAPE=${SHAPE:-7b} SIZE=${SIZE:-} DEV=${DEV:-cuda} MASK_ARGS=${MASK_ARGS:-} ESD_LAYERS=${ESD_LAYERS:-4}
+IND=${IND:-/tmp/prunekit-inductor}  # the inductor cache of the --compile runs (outside $OUT: not fetched back)
 if [ "$part" = next ]; then
   # correctness first: on the GPU every plan gives the same model (the worker's weight copies, biases
   # added on the device included), and the CUDA-only tests (--compile's is left to the next step)
   step 90 $PY -m pytest -q -p no:cacheprovider tests/test_placement.py tests/test_speed.py -k "cuda or every_plan or streamer"
   # Wanda 50 % under each plan with the worker-thread weight copies, the floor, and where the floor's
   # time goes (full pass, statistics pass with and without its sums, two ways to a sum of squares)
-  step 180 $PY bench/bench_gpu.py --shape 7b --runs wanda --offload auto weights cpu --floor-parts \
+  step 180 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --runs wanda --offload auto weights cpu --floor-parts \
     --out "$OUT/gpu_wanda_copies.json"
   # --compile end to end with a cold compile: an empty inductor cache, its own process (the 2:4 row
-  # reuses the compiled code in memory); the inductor cache is kept for `more`
-  TORCHINDUCTOR_CACHE_DIR="$OUT/inductor-cache" step 150 $PY bench/bench_gpu.py --shape 7b --no-floor \
+  # reuses the compiled code in memory)
+  rm -rf "$IND"
+  TORCHINDUCTOR_CACHE_DIR="$IND" step 150 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor \
     --runs "wanda --compile" "wanda 2:4 --compile" --out "$OUT/gpu_compile_cold.json"
   # 2:4 (N:M by stable ranks), STADE, AlphaPruning on the whole model (CUDA_ESD_STREAMS eigensolves)
-  step 150 $PY bench/bench_gpu.py --shape 7b --no-floor --runs "wanda 2:4" stade "wanda alpha" --out "$OUT/gpu_runs.json"
+  step 150 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor --runs "wanda 2:4" stade "wanda alpha" --out "$OUT/gpu_runs.json"
   exit 0
 fi
 if [ "$part" = more ]; then
-  # --compile's CUDA test, and --compile with the inductor cache `next` left (warm) beside eager Wanda
-  # in the same process, then the floor eager and compiled
-  TORCHINDUCTOR_CACHE_DIR="$OUT/inductor-cache" step 120 $PY -m pytest -q -p no:cacheprovider tests/test_compile.py -k cuda
-  TORCHINDUCTOR_CACHE_DIR="$OUT/inductor-cache" step 120 $PY bench/bench_gpu.py --shape 7b --no-floor \
+  # --compile's CUDA test; --compile with a warm inductor cache: one process fills the cache (cold, as
+  # in `next`), a second one prunes with it beside eager Wanda; then the floor eager and compiled.
+  # (A device machine is released seconds after a call, so the cache cannot wait for a later call.)
+  rm -rf "$IND"
+  TORCHINDUCTOR_CACHE_DIR="$IND" step 120 $PY -m pytest -q -p no:cacheprovider tests/test_compile.py -k cuda
+  TORCHINDUCTOR_CACHE_DIR="$IND" step 120 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor \
+    --runs "wanda --compile" --out "$OUT/gpu_compile_fill.json"
+  TORCHINDUCTOR_CACHE_DIR="$IND" step 120 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor \
     --runs "wanda --compile" wanda --out "$OUT/gpu_compile_warm.json"
-  TORCHINDUCTOR_CACHE_DIR="$OUT/inductor-cache" step 90 $PY bench/bench_gpu.py --shape 7b --runs --compile-floor \
+  TORCHINDUCTOR_CACHE_DIR="$IND" step 90 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --runs --compile-floor \
     --out "$OUT/gpu_compile_floor.json"
-  rm -rf "$OUT/inductor-cache"
   # ESD: 1, 2 and 4 eigensolves in flight at once (CUDA streams), 4 blocks of 7B shape
-  step 60 $PY bench/bench_esd.py --random 7b --layers 4 --device cuda --precisions float64 --streams 1 2 4 \
+  step 60 $PY bench/bench_esd.py --random $SHAPE --layers $ESD_LAYERS --device $DEV --precisions float64 --streams 1 2 4 \
     --skip-byte-key --out "$OUT/esd_streams.json"
   # mask selection: N:M by stable ranks (prunekit's on a GPU now) against topk, 7B shapes
-  step 40 $PY bench/bench_masks.py --device cuda --out "$OUT/masks.json"
-  # float32 (auto) against bf16 block inputs, Wanda 50 %
-  step 110 $PY bench/bench_gpu.py --shape 7b --no-floor --runs wanda --activation-dtype bfloat16 --out "$OUT/gpu_storage.json"
+  step 40 $PY bench/bench_masks.py --device $DEV $MASK_ARGS --out "$OUT/masks.json"
   exit 0
 fi
 if [ "$part" = all ] || [ "$part" = prune ]; then
