@@ -2,6 +2,8 @@
 is shared by the blocks (a deep model compiles once per pass kind, not once per block)."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import ARCHS, tiny_model
@@ -19,7 +21,10 @@ def _deep_llama(layers: int):
     return LlamaForCausalLM(config).eval()
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
+# inductor compiles CPU kernels with the host's C++ compiler
+cxx = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="no C++ compiler for inductor")
+DEVICES = [pytest.param("cpu", marks=cxx),
+           pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -71,6 +76,7 @@ def test_compile_flag_round_trips_and_reaches_the_passes():
     assert not Compute.from_config(PruneConfig()).compiled
 
 
+@cxx
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_architecture_compiles(arch, samples):
     """Float32: the compiled prune zeroes the eager prune's weights; bfloat16 (prunekit's CPU attention
@@ -92,6 +98,7 @@ def test_every_architecture_compiles(arch, samples):
 @pytest.mark.parametrize("options", [dict(method="sparsegpt"), dict(method="wanda", allocation="alpha", pattern="2:4"),
                                      dict(method="wanda", allocation="owl"), dict(method="stade", record_error=True)],
                          ids=["sparsegpt", "alpha-2:4", "owl", "record-error"])
+@cxx
 def test_compile_with_every_kind_of_pass(options, samples, monkeypatch, tmp_path):
     """SparseGPT's Gram statistics and weight updates, an allocation's dense pass, --record-error's
     full statistics pass with dense outputs: float32, the compiled prune's model is the eager one's."""
