@@ -21,6 +21,7 @@ from render import COLUMNS  # noqa: E402
 from prunekit import PruneConfig, prune  # noqa: E402
 from prunekit.execution import Compute, capture_block_inputs, run_block  # noqa: E402
 from prunekit.evaluate import perplexity  # noqa: E402
+from prunekit.execution.compiled import COMPILE_PHASE  # noqa: E402
 from prunekit.loading import load  # noqa: E402
 
 # "--no-bias-update": what the v2 reference runs (unstructured only); "--stats-dtype float32": bf16 pruned
@@ -81,6 +82,7 @@ def main():
                "sparsity": report.sparsity, "prune_seconds": report.prune_seconds,
                "floor_seconds": floors[dtype], "vs_floor": report.prune_seconds / floors[dtype],
                "masks_seconds": report.phases.get("masks"), "eval_seconds": time.perf_counter() - t,
+               "compile_seconds": report.phases.get(COMPILE_PHASE),
                "peak_rss_mib": rss.peak}
         rows.append(row)
         print(markdown([row], COLUMNS).splitlines()[-1], flush=True)

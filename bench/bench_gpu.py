@@ -23,6 +23,7 @@ from common import PeakRSS, markdown, meta, write_results  # noqa: E402
 from prunekit import PruneConfig, prune  # noqa: E402
 from prunekit.adapters import adapter_for  # noqa: E402
 from prunekit.execution import Compute, capture_block_inputs, collect_stats, run_block  # noqa: E402
+from prunekit.execution.compiled import COMPILE_PHASE  # noqa: E402
 from prunekit.execution.precision import synchronize  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, heads, kv heads, blocks
@@ -36,7 +37,7 @@ RUNS = ["wanda", "wanda 2:4", "stade", "wanda alpha", "sparsegpt"]
 COLUMNS = [("run", "run", ""), ("offload", "offload", ""), ("plan", "plan", ""), ("storage", "activations", ""),
            ("prune_s", "prune s", ".2f"),
            ("floor_s", "floor s", ".2f"), ("vs_floor", "vs floor", ".2f"), ("masks_s", "masks s", ".2f"),
-           ("weights_host_s", "weights moved s (host)", ".2f"),
+           ("weights_host_s", "weights moved s (host)", ".2f"), ("compile_s", "compile s", ".2f"),
            ("peak_device_gib", "peak GPU GiB", ".2f"), ("peak_rss_gib", "peak RSS GiB", ".2f")]
 
 
@@ -225,6 +226,7 @@ def main(argv=None):
                    "prune_s": report.prune_seconds, "floor_s": floor,
                    "vs_floor": report.prune_seconds / floor if floor else None,
                    "masks_s": report.phases.get("masks", 0.0), "phases": report.phases,
+                   "compile_s": report.phases.get(COMPILE_PHASE),
                    "weights_host_s": sum(v for k, v in report.phases.items() if k.startswith("weights")),
                    "placement": report.placement, "sparsity": report.sparsity,
                    "esd_s": report.allocation_info.get("esd_seconds"),

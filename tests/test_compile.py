@@ -43,12 +43,12 @@ def test_compiled_passes_give_the_eager_masks_and_compile_once(device, samples, 
         return real_call(block, h, args, kwargs)
     monkeypatch.setattr(compiled, "compiled_call", counting)
 
-    models = {}
+    models, reports = {}, {}
     for compile_ in (False, True):
         model = models[compile_] = _deep_llama(4)
         config = PruneConfig(method="stade", nsamples=8, seqlen=32, batch_size=4, dtype="float32", device=device,
                              compile=compile_, offload="none")
-        prune(model, config, samples)
+        reports[compile_] = prune(model, config, samples)
     eager, fused = models[False].state_dict(), models[True].state_dict()
     for name, value in eager.items():
         assert torch.equal(value == 0, fused[name] == 0), name
@@ -62,6 +62,7 @@ def test_compiled_passes_give_the_eager_masks_and_compile_once(device, samples, 
     final = counters["stats"]["unique_graphs"]
     assert first_call[0] == 0 < first_call[1]  # compiled on block 0 (statistics pass, pruned pass)
     assert first_call[2] == first_call[3] == final, (first_call, final)  # blocks 2 and 3 compiled nothing
+    assert reports[True].phases[compiled.COMPILE_PHASE] > 0 and compiled.COMPILE_PHASE not in reports[False].phases
 
 
 def test_compile_flag_round_trips_and_reaches_the_passes():

@@ -49,6 +49,20 @@ def compiled_call(block: nn.Module, h: torch.Tensor, args: tuple, kwargs: dict):
         raise PrunekitError(f"--compile failed in torch.compile ({_reason(e)}): run without --compile") from None
 
 
+COMPILE_PHASE = "torch.compile (host, within the passes)"
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling so far (Dynamo's own account: tracing, inductor,
+    codegen; 0 where this torch keeps no such account). A prune reports its share as a phase; the
+    passes' phases include it, as the compile runs inside them."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return 0.0
+    return float(sum(compilation_time_metrics.get("_compile.compile_inner", [])))
+
+
 def _reason(error: Exception) -> str:
     """The first line of what went wrong inside the compiler (the backend's own error where it wraps one)."""
     inner = getattr(error, "inner_exception", None) or error.__cause__ or error

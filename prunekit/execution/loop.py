@@ -24,7 +24,7 @@ from ..allocation import Allocation, allocate, needs_data
 from ..config import PruneConfig
 from ..errors import PrunekitError
 from ..scoring import Scorer, build_scorer
-from . import distributed
+from . import compiled, distributed
 from .disk import DiskBlocks
 from .passes import Activations, ErrorMeter, Scratch, capture_block_inputs, collect_stats, run_block
 from .placement import Plan, Sizes, plan_placement, plan_storage
@@ -311,6 +311,7 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
     blocks are read from the checkpoint and written to the output as they finish. `checkpoint`
     (execution.resume.Checkpointer): state saved after each block, and resumed from where it has one."""
     start = time.perf_counter()
+    compiling = compiled.compile_seconds() if config.compile else None
     run = BlockLoop(model, config, adapter or adapter_for(model.config.model_type), log, disk, checkpoint)
     if run.needs_inputs and samples is None and inputs is None:
         raise PrunekitError(f"method {config.method} needs calibration data: pass --calib")
@@ -344,6 +345,8 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
         if run.scratch is not None:
             run.scratch.cleanup()
     run.summarise()
+    if compiling is not None:
+        run.phases.seconds[compiled.COMPILE_PHASE] = compiled.compile_seconds() - compiling
     run.report.phases = run.phases.totals()
     run.report.prune_seconds = time.perf_counter() - start
     return run.report
