@@ -67,8 +67,9 @@ def _reason(error: Exception) -> str:
     """The first line of what went wrong inside the compiler (the backend's own error where it wraps one)."""
     inner = getattr(error, "inner_exception", None) or error.__cause__ or error
     lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
-    return (f"{type(inner).__name__}: {lines[0]}" if lines and inner is not error else lines[0] if lines
-            else type(inner).__name__)[:200]
+    if not lines:
+        return type(inner).__name__
+    return (lines[0] if inner is error else f"{type(inner).__name__}: {lines[0]}")[:200]
 
 
 def _compiler_errors() -> tuple[type, ...]:
