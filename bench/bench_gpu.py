@@ -85,7 +85,7 @@ def floor_seconds(model, adapter, ids, config) -> float:
     linears = adapter.block_linears(block)
 
     def passes():
-        with collect_stats(linears, adapter.linears[-1], centred=lambda n: False):
+        with collect_stats(linears, adapter.linears[-1], centred=lambda n: False, compiled=compute.compiled):
             run_block(block, inputs, compute)
         run_block(block, inputs, compute, outputs=inputs)
     timed(passes)  # the second round is timed (first use warms kernels and the allocator)
@@ -107,7 +107,7 @@ def floor_parts(model, adapter, ids, config) -> dict:
     blocks = len(adapter.blocks(model))
 
     def stats_pass():
-        with collect_stats(linears, adapter.linears[-1], centred=lambda n: False):
+        with collect_stats(linears, adapter.linears[-1], centred=lambda n: False, compiled=compute.compiled):
             run_block(block, inputs, compute)
 
     def pass_stopped_by(hook):

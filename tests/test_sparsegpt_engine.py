@@ -70,6 +70,29 @@ def test_hessian_stays_float32_in_bf16_passes(samples):
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_linears_reading_one_tensor_share_one_accumulator(arch, samples):
+    """q/k/v (and Llama's gate/up) read the same tensor: one ChannelStats (one X^T X) counts it once,
+    under the eager passes' input lowering in bf16 as well."""
+    from prunekit.execution import Compute, capture_block_inputs, collect_stats, run_block
+    model = tiny_model(arch)
+    adapter = adapter_for(arch)
+    for dtype in (torch.float32, torch.bfloat16):
+        compute = Compute(torch.device("cpu"), dtype)
+        inputs = capture_block_inputs(model, adapter, samples, 3, compute)
+        block = adapter.blocks(model)[0]
+        with collect_stats(adapter.block_linears(block), gram=lambda n: True, centred=lambda n: True) as stats:
+            run_block(block, inputs, compute)
+        groups = {}
+        for name, st in stats.items():
+            groups.setdefault(id(st), []).append(name.split(".")[-1])
+            assert st.ntokens == samples.numel(), name  # every token counted once
+        names = sorted(sorted(g) for g in groups.values())
+        shared = [g for g in names if len(g) > 1]
+        expected = [["k_proj", "q_proj", "v_proj"]] + ([["gate_proj", "up_proj"]] if arch == "llama" else [])
+        assert sorted(shared) == sorted(expected), (dtype, names)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_reference_arithmetic_is_the_reference_bit_for_bit(arch, pattern, samples):
     """--sparsegpt-arithmetic reference against bench/bench_sparsegpt_ref.py's independent loop (the

@@ -42,11 +42,14 @@ def compiled_call(block: nn.Module, h: torch.Tensor, args: tuple, kwargs: dict):
         config = torch._dynamo.config  # the limit's name before torch 2.6: cache_size_limit
         limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         setattr(config, limit, max(getattr(config, limit), RECOMPILE_LIMIT))
+        # guard on the hooks present: Dynamo's default skips that guard, so a pass without hooks (an
+        # evaluation) compiled first would be reused by a statistics pass, whose hooks would not run
+        config.skip_nnmodule_hook_guards = False
         _compiled = torch.compile(_call)
     try:
         return _compiled(block, h, args, kwargs)
     except _compiler_errors() as e:
-        raise PrunekitError(f"--compile failed in torch.compile ({_reason(e)}): run without --compile") from None
+        raise PrunekitError(f"--compile failed in torch.compile ({_reason(e)}): run without --compile") from e
 
 
 COMPILE_PHASE = "torch.compile (host, within the passes)"

@@ -95,7 +95,8 @@ class AllocationContext:
         compute = Compute.for_stats(self.config)
         for i, block in enumerate(tqdm(self.adapter.blocks(self.model), desc=desc, leave=False)):
             self.streamer.onload(i)
-            with collect_stats(self.adapter.block_linears(block), centred=lambda name: False) as stats:
+            with collect_stats(self.adapter.block_linears(block), centred=lambda name: False,
+                               compiled=compute.compiled) as stats:
                 run_block(block, current, compute, outputs=current)
             distributed.combine_stats(stats)
             yield i, block, stats
@@ -417,7 +418,7 @@ class BlockLoop:
             with self.phases("statistics pass"), collect_stats(
                     linears, None if self.dense is not None else adapter.linears[-1],
                     centred=lambda n: scorer.centred(n in adapter.norm_fed),
-                    gram=lambda n: scorer.gram(n in adapter.norm_fed)) as stats:
+                    gram=lambda n: scorer.gram(n in adapter.norm_fed), compiled=self.stats_compute.compiled) as stats:
                 run_block(block, self.acts, self.stats_compute, outputs=self.dense)
             distributed.combine_stats(stats)
         rank0 = distributed.world()[0] == 0

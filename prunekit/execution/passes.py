@@ -161,7 +161,7 @@ def run_block(block: nn.Module, inputs: Activations, compute: Compute, outputs: 
     of `outputs` (pass `inputs` itself for a pruned pass that makes the next block's inputs: the
     batch is consumed by then). `error`: compare each output with `dense`'s batch. A pass ended by
     collect_stats(stop_after=...) produces no outputs."""
-    with compute.run(block):
+    with compute.run(block, lower=not compute.compiled):  # compiled: the graph holds autocast's casts
         for sl, h in inputs.batches(compute.device):
             args, kwargs = inputs.extra[sl.start // inputs.batch_size]
             try:
@@ -194,31 +194,31 @@ class ErrorMeter:
 
 @contextlib.contextmanager
 def collect_stats(linears: dict[str, nn.Module], stop_after: str | None = None, centred=lambda name: True,
-                  gram=lambda name: False):
+                  gram=lambda name: False, compiled: bool = False):
     """Hooks that accumulate ChannelStats of every linear's input while the block runs. With
     `stop_after` (the block's last linear), the pass ends once that layer's input is counted: a
     statistics-only pass need not compute the rest of the block. `centred(name)`: whether that
     linear's statistics need the mean and variance; `gram(name)`: whether they need X^T X (SparseGPT).
-    Linears that read one tensor (q/k/v, gate/up) share one accumulator."""
+    Linears that read one tensor (q/k/v, gate/up) share one accumulator. `compiled`: the pass runs
+    under --compile, where the hooks run eagerly (a graph break each): Dynamo would trace their
+    Python state (the dict they fill, the identity check, the early stop) into code that every block
+    reuses, and later blocks lost their statistics in a trial."""
     stats: dict[str, ChannelStats] = {}
     last = [None, None]  # (input tensor, linear that counted it)
     handles = []
     for name, module in linears.items():
         def hook(mod, args, name=name):
-            x = args[0].detach()
-            if x is last[0]:
+            if args[0] is last[0]:  # the very tensor the last hooked linear read (not a detached copy)
                 stats[name] = stats[last[1]]  # same input: share the statistics, count once
             else:
-                last[0], last[1] = x, name
+                last[0], last[1] = args[0], name
+                x = args[0].detach()
                 if name not in stats:
                     stats[name] = ChannelStats(x.shape[-1], centred=centred(name), gram=gram(name))
                 stats[name].update(x)
             if name == stop_after:
                 raise StopForward
-        # eager under --compile too: Dynamo would trace the hook's Python state (the shared dict, the
-        # identity check, the early stop) into code that every block reuses; a graph break here keeps
-        # each block's statistics its own
-        handles.append(module.register_forward_pre_hook(torch.compiler.disable(hook)))
+        handles.append(module.register_forward_pre_hook(torch.compiler.disable(hook) if compiled else hook))
     try:
         yield stats
     finally:

@@ -96,7 +96,7 @@ class Compute:
         return self.store or self.dtype
 
     @contextlib.contextmanager
-    def run(self, module: nn.Module, exclude: nn.Module | None = None):
+    def run(self, module: nn.Module, exclude: nn.Module | None = None, lower: bool = True):
         """Run `module` (a block or a whole model) in this precision, gradients off.
 
         float32: floating parameters of another dtype point to float32 copies while inside.
@@ -104,7 +104,9 @@ class Compute:
         already in that dtype (embeddings, RMS norms and biases are left alone; autocast handles
         them; LayerNorm parameters get float32 copies).
         On exit every parameter points back to its own data, which pruning edits. `exclude`: a
-        submodule whose parameters are left alone (the blocks, while the embeddings run)."""
+        submodule whose parameters are left alone (the blocks, while the embeddings run). `lower`:
+        in mixed precision, hand each matmul its input lowered once (_LowerOnce); a compiled pass
+        leaves that to the graph."""
         saved, handles = [], []
         skip = {id(p) for p in exclude.parameters()} if exclude is not None else set()
         params = [p for p in module.parameters() if p.is_floating_point() and id(p) not in skip]
@@ -121,7 +123,7 @@ class Compute:
         for p, dtype in wanted:
             saved.append((p, p.data))
             p.data = p.data.to(dtype)
-        if self.mixed and not self.compiled:  # compiled: the graph converts each input once anyway
+        if self.mixed and lower:
             matmul_weights = {id(p) for p in params if p.dim() >= 2 and p.dtype == self.dtype}
             lower = _LowerOnce(self.dtype)
             handles = [m.register_forward_pre_hook(lower) for m in module.modules()
