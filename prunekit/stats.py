@@ -7,6 +7,12 @@ squares (what Wanda and OWL read): one pass over the batch instead of four. `gra
 X^T X (SparseGPT's Hessian is 2/N_seq of it), accumulated in float32 by one matmul per batch.
 `gram="running"` keeps the Hessian itself as the SparseGPT reference accumulates it, a running
 average updated batch by batch in the reference's order of float32 operations (running_hessian).
+
+On a GPU (FUSED_REDUCTIONS) each batch is read once: the sum of squares by one float32-accumulating
+norm reduction, the mean and M2 by one var_mean, with no squared or centred float32 copy of the
+batch (at a 7B shape each copy is hundreds of MB per batch). They agree with the CPU's to float32
+rounding (~1e-6 relative; tests/test_stade.py); the CPU keeps its own order of operations, so the
+reference protocol's float32 figures are unchanged.
 """
 from __future__ import annotations
 
@@ -14,6 +20,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+
+FUSED_REDUCTIONS = {"cuda"}  # device types whose statistics read each batch once (see above)
 
 
 def chan_merge(n_a: int, mean_a: torch.Tensor, m2_a: torch.Tensor, n_b: int, mean_b: torch.Tensor,
@@ -56,13 +64,20 @@ class ChannelStats:
         """Add a batch of inputs x of shape (..., columns); the leading dims are (sequences, tokens) or tokens."""
         nseq = x.shape[0] if x.dim() == 3 else 1
         flat = x.reshape(-1, x.shape[-1])
+        fused = flat.device.type in FUSED_REDUCTIONS
+        # the batch in float32, converted at most once (X^T X needs it; the CPU's reductions too)
+        f32 = flat if flat.dtype == torch.float32 else flat.float() if self.gram else None
         if self.centred:
-            self._merge_centred(flat)
+            self._merge_centred(flat, f32, fused)
         else:
-            sq_b = (flat.square() if flat.dtype == torch.float32 else flat.float().square_()).sum(dim=0)
+            if fused:
+                sq_b = torch.linalg.vector_norm(flat, dim=0, dtype=torch.float32).square_()
+            elif f32 is None:
+                sq_b = flat.float().square_().sum(dim=0)
+            else:
+                sq_b = f32.square().sum(dim=0)
             self.sum_sq = sq_b if self.sum_sq is None else self.sum_sq + sq_b
         if self.gram:  # float32 even inside a bf16 pass: autocast would lower this matmul
-            f32 = flat if flat.dtype == torch.float32 else flat.float()
             with torch.autocast(f32.device.type, enabled=False):
                 if self.gram == "running":
                     self.xtx = running_hessian(self.xtx, self.nseq, f32, nseq)
@@ -71,12 +86,16 @@ class ChannelStats:
         self.ntokens += flat.shape[0]
         self.nseq += nseq
 
-    def _merge_centred(self, flat: torch.Tensor) -> None:
+    def _merge_centred(self, flat: torch.Tensor, f32: torch.Tensor | None, fused: bool) -> None:
         """Chan's merge of this batch's mean and M2 into the running ones (before ntokens grows)."""
-        centred = flat.to(torch.float32, copy=True)  # our own buffer: edited in place
-        n_b = centred.shape[0]
-        mean_b = centred.mean(dim=0)
-        m2_b = centred.sub_(mean_b).square_().sum(dim=0)  # two-pass within the batch, Chan's merge across
+        n_b = flat.shape[0]
+        if fused:  # one read of the float32 batch (Welford within it)
+            var_b, mean_b = torch.var_mean(flat.float() if f32 is None else f32, dim=0, correction=0)
+            m2_b = var_b * n_b
+        else:
+            centred = flat.to(torch.float32, copy=True)  # our own buffer: edited in place
+            mean_b = centred.mean(dim=0)
+            m2_b = centred.sub_(mean_b).square_().sum(dim=0)  # two-pass within the batch, Chan's merge across
         sq_b = m2_b + n_b * mean_b * mean_b  # sum of x^2 without another pass (all terms >= 0)
         if self.mean is None:
             self.mean, self.m2, self.sum_sq = mean_b, m2_b, sq_b

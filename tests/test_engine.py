@@ -206,3 +206,18 @@ def test_float32_statistics_with_bf16_passes(samples):
 def test_bad_stats_dtype_is_one_line_error():
     with pytest.raises(PrunekitError, match="--stats-dtype 'fp8' is not one of"):
         PruneConfig(stats_dtype="fp8")
+
+
+def test_batches_share_their_identical_extra_tensors(samples):
+    """Every batch recomputes the rotary tables: the capture holds one copy, and a pass converts it
+    once (Compute.tree's memo), so a bf16 pass lowers the tables once, not once per batch."""
+    from prunekit.execution import Compute, capture_block_inputs
+    model, adapter = tiny_model("llama"), adapter_for("llama")
+    low = Compute(torch.device("cpu"), torch.bfloat16)
+    acts = capture_block_inputs(model, adapter, samples, 1, low)
+    cos = [e[1]["position_embeddings"][0] for e in acts.extra]
+    assert len(cos) == samples.shape[0] and all(c is cos[0] for c in cos)
+    memo = {}
+    lowered = [low.tree(e[1], memo)["position_embeddings"][0] for e in acts.extra]
+    assert all(t is lowered[0] for t in lowered) and lowered[0].dtype == torch.bfloat16
+    assert torch.equal(lowered[0], cos[0].bfloat16())

@@ -114,6 +114,50 @@ def test_stats_of_float32_input_leave_it_untouched():
     assert torch.equal(x, before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gram", [False, True])
+def test_fused_reductions_agree_with_the_cpu_ones(dtype, gram, monkeypatch):
+    """The GPU's one-read reductions (vector_norm for the sum of squares, var_mean for mean and M2),
+    run here on the CPU, against the CPU's own: the same statistics to float32 rounding, with means
+    much larger than the spread, and X^T X unchanged."""
+    import prunekit.stats as stats_module
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(6, 64, 48, generator=g) * 0.5 + 4).to(dtype)
+    results = {}
+    for fused in (False, True):
+        monkeypatch.setattr(stats_module, "FUSED_REDUCTIONS", {"cpu", "cuda"} if fused else {"cuda"})
+        pair = (ChannelStats(48, gram=gram), ChannelStats(48, centred=False, gram=gram))
+        for chunk in x.split(2):
+            for st in pair:
+                st.update(chunk)
+        results[fused] = pair
+    for exact, fused in zip(results[False], results[True]):
+        torch.testing.assert_close(fused.sum_sq, exact.sum_sq, rtol=2e-5, atol=0)
+        if exact.centred:
+            torch.testing.assert_close(fused.mean, exact.mean, rtol=2e-6, atol=0)
+            torch.testing.assert_close(fused.variance, exact.variance, rtol=2e-4, atol=0)
+        if gram:
+            assert torch.equal(fused.xtx, exact.xtx)
+
+
+@pytest.mark.parametrize("method", ["wanda", "stade", "sparsegpt"])
+def test_fused_reductions_give_the_same_prune(method, samples, monkeypatch):
+    """A whole prune with the GPU's reductions (forced on the CPU) against the CPU's: the masks agree
+    but for rounding-level near-ties."""
+    import prunekit.stats as stats_module
+    from conftest import tiny_model
+
+    from prunekit import prune
+    states = []
+    for fused in (False, True):
+        monkeypatch.setattr(stats_module, "FUSED_REDUCTIONS", {"cpu", "cuda"} if fused else {"cuda"})
+        model = tiny_model("llama")
+        prune(model, PruneConfig(method=method, nsamples=8, seqlen=32, batch_size=3, device="cpu"), samples)
+        states.append(model.state_dict())
+    for name, value in states[0].items():
+        assert ((value == 0) == (states[1][name] == 0)).float().mean() > 0.999, name
+
+
 def test_only_stade_layers_are_centred():
     from prunekit.config import PruneConfig
     from prunekit.scoring import build_scorer

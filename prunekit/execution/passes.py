@@ -131,7 +131,8 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, samples: torch.Tens
             state["buffer"] = allocate_activations(shape, compute.storage, home, compute, scratch)
         state["buffer"][state["at"]:state["at"] + h.shape[0]].copy_(h, non_blocking=True)
         state["at"] += h.shape[0]
-        extra.append((args[1:], dict(kwargs)))
+        batch_extra = (args[1:], dict(kwargs))
+        extra.append(_share_identical(batch_extra, extra[-1]) if extra else batch_extra)
         raise StopForward
 
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
@@ -145,6 +146,21 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, samples: torch.Tens
     finally:
         handle.remove()
     return Activations(state["buffer"], extra, batch_size, scratch if home == "scratch" else None)
+
+
+def _share_identical(new, old):
+    """`new` with every tensor equal to the one at the same place in `old` replaced by that one: the
+    rotary tables (and masks) every batch recomputes are held once, and a pass converts them once
+    (Compute.tree's memo)."""
+    if isinstance(new, torch.Tensor):
+        same = (isinstance(old, torch.Tensor) and old.shape == new.shape and old.dtype == new.dtype
+                and old.device == new.device and torch.equal(old, new))
+        return old if same else new
+    if isinstance(new, (tuple, list)) and isinstance(old, (tuple, list)) and len(new) == len(old):
+        return type(new)(_share_identical(n, o) for n, o in zip(new, old))
+    if isinstance(new, dict) and isinstance(old, dict):
+        return {k: _share_identical(v, old[k]) if k in old else v for k, v in new.items()}
+    return new
 
 
 @contextlib.contextmanager
@@ -161,11 +177,12 @@ def run_block(block: nn.Module, inputs: Activations, compute: Compute, outputs: 
     of `outputs` (pass `inputs` itself for a pruned pass that makes the next block's inputs: the
     batch is consumed by then). `error`: compare each output with `dense`'s batch. A pass ended by
     collect_stats(stop_after=...) produces no outputs."""
+    memo = {}  # the batches' shared tensors (rotary tables), converted once per pass
     with compute.run(block, lower=not compute.compiled):  # compiled: the graph holds autocast's casts
         for sl, h in inputs.batches(compute.device):
             args, kwargs = inputs.extra[sl.start // inputs.batch_size]
             try:
-                out = compute.call(block, compute.hidden(h), compute.tree(args), compute.tree(kwargs))
+                out = compute.call(block, compute.hidden(h), compute.tree(args, memo), compute.tree(kwargs, memo))
             except StopForward:
                 continue
             out = out[0] if isinstance(out, (tuple, list)) else out

@@ -150,15 +150,21 @@ class Compute:
         """The residual stream enters a block as float32 (autocast lowers it where a matmul reads it)."""
         return h.to(self.device, torch.float32, non_blocking=True)
 
-    def tree(self, obj):
+    def tree(self, obj, memo: dict | None = None):
         """Move tensors in (nested) args to the device; floating ones (rotary tables, additive masks)
-        to the compute dtype, as a model running in that dtype would make them."""
+        to the compute dtype, as a model running in that dtype would make them. `memo` (id -> (tensor,
+        converted)): a tensor seen before in the same pass is converted once."""
         if isinstance(obj, torch.Tensor):
-            return obj.to(self.device, self.dtype) if obj.is_floating_point() else obj.to(self.device)
+            if memo is not None and id(obj) in memo:
+                return memo[id(obj)][1]
+            out = obj.to(self.device, self.dtype) if obj.is_floating_point() else obj.to(self.device)
+            if memo is not None:
+                memo[id(obj)] = (obj, out)  # holding obj keeps its id from being reused
+            return out
         if isinstance(obj, (tuple, list)):
-            return type(obj)(self.tree(o) for o in obj)
+            return type(obj)(self.tree(o, memo) for o in obj)
         if isinstance(obj, dict):
-            return {k: self.tree(v) for k, v in obj.items()}
+            return {k: self.tree(v, memo) for k, v in obj.items()}
         return obj
 
 
