@@ -97,9 +97,9 @@ def floor_seconds(model, adapter, ids, config) -> float:
 def floor_parts(model, adapter, ids, config) -> dict:
     """Where the floor's time goes, block 0 over all batches, times the number of blocks: the full
     pass, the statistics pass with its sums of squares, the same pass stopped at the same place
-    without them; and for one batch of down_proj's input (the widest), the sum of squares as the
-    statistics take it (a float32 copy, squared, summed) against one fused reduction
-    (vector_norm in float32, squared): ms per call and the largest relative difference."""
+    without them; and for one batch of down_proj's input (the widest), the sum of squares the CPU's
+    way (a float32 copy, squared, summed) against the GPU's (stats.FUSED_REDUCTIONS: one vector_norm
+    in float32, squared): ms per call and the largest relative difference."""
     from prunekit.execution.passes import StopForward
     compute, inputs, block, timed = block0(model, adapter, ids, config)
     linears = adapter.block_linears(block)

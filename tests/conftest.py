@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
 
 DATA_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 VOCAB = 256
+# torch.compile's inductor builds CPU kernels with the host's C++ compiler
+needs_cxx = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="no C++ compiler for inductor")
 
 
 def byte_tokenizer():

@@ -1,10 +1,9 @@
 """bench/bench_gpu.py runs on the CPU with a tiny shape: every row has its numbers and the JSON is written."""
 import json
 import os
-import shutil
 import sys
 
-import pytest
+from conftest import needs_cxx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 
@@ -26,7 +25,7 @@ def test_bench_gpu_tiny(tmp_path, monkeypatch):
     assert saved["meta"]["shape"] == "tiny" and saved["meta"]["blocks"] == 2
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="no C++ compiler for inductor")
+@needs_cxx
 def test_bench_gpu_compiled_rows(tmp_path, monkeypatch):
     """A '--compile' run prunes with the block passes compiled, and --compile-floor measures the
     compiled floor beside the eager one."""

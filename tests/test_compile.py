@@ -2,11 +2,9 @@
 is shared by the blocks (a deep model compiles once per pass kind, not once per block)."""
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from conftest import ARCHS, tiny_model
+from conftest import ARCHS, needs_cxx, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prunekit import PruneConfig, prune
@@ -21,9 +19,7 @@ def _deep_llama(layers: int):
     return LlamaForCausalLM(config).eval()
 
 
-# inductor compiles CPU kernels with the host's C++ compiler
-cxx = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="no C++ compiler for inductor")
-DEVICES = [pytest.param("cpu", marks=cxx),
+DEVICES = [pytest.param("cpu", marks=needs_cxx),
            pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
 
 
@@ -81,7 +77,7 @@ def test_compile_flag_round_trips_and_reaches_the_passes():
     assert not Compute.from_config(PruneConfig()).compiled
 
 
-@cxx
+@needs_cxx
 def test_statistics_hooks_run_after_a_compiled_pass_without_them(samples):
     """A compiled pass without hooks first (an evaluation of the dense model), then a compiled prune:
     its statistics passes must not reuse the hook-less code (Dynamo's default skips the guard on a
@@ -103,7 +99,7 @@ def test_statistics_hooks_run_after_a_compiled_pass_without_them(samples):
         assert torch.equal(value == 0, fused == 0), name
 
 
-@cxx
+@needs_cxx
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_architecture_compiles(arch, samples):
     """Float32: the compiled prune zeroes the eager prune's weights; bfloat16 (prunekit's CPU attention
@@ -125,7 +121,7 @@ def test_every_architecture_compiles(arch, samples):
 @pytest.mark.parametrize("options", [dict(method="sparsegpt"), dict(method="wanda", allocation="alpha", pattern="2:4"),
                                      dict(method="wanda", allocation="owl"), dict(method="stade", record_error=True)],
                          ids=["sparsegpt", "alpha-2:4", "owl", "record-error"])
-@cxx
+@needs_cxx
 def test_compile_with_every_kind_of_pass(options, samples, monkeypatch, tmp_path):
     """SparseGPT's Gram statistics and weight updates, an allocation's dense pass, --record-error's
     full statistics pass with dense outputs: float32, the compiled prune's model is the eager one's."""

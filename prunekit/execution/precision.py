@@ -22,6 +22,7 @@ from torch import nn
 
 from ..attention import cpu_bf16_attention
 from ..errors import PrunekitError
+from . import compiled as compiled_passes  # the module; `compiled` below is the flag
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -125,8 +126,8 @@ class Compute:
             p.data = p.data.to(dtype)
         if self.mixed and lower:
             matmul_weights = {id(p) for p in params if p.dim() >= 2 and p.dtype == self.dtype}
-            lower = _LowerOnce(self.dtype)
-            handles = [m.register_forward_pre_hook(lower) for m in module.modules()
+            lowering = _LowerOnce(self.dtype)
+            handles = [m.register_forward_pre_hook(lowering) for m in module.modules()
                        if not isinstance(m, nn.Embedding) and id(getattr(m, "weight", None)) in matmul_weights]
         try:
             with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.mixed), \
@@ -142,8 +143,7 @@ class Compute:
         """One forward of `block` on a batch, eager or (--compile) through the one compiled caller that
         every block shares (see compiled.py)."""
         if self.compiled:
-            from .compiled import compiled_call
-            return compiled_call(block, h, args, kwargs)
+            return compiled_passes.compiled_call(block, h, args, kwargs)
         return block(h, *args, **kwargs)
 
     def hidden(self, h: torch.Tensor) -> torch.Tensor:
