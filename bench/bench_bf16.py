@@ -16,11 +16,16 @@
 4. Orderings (`--parts orders`, not in the default set: about 10 minutes per ordering): float32 and
    bf16 runs of each `--orders-runs` entry on K orderings of the same calibration sequences (see
    common.orderings), so that bf16 is compared with float32 as a mean over rounding draws rather
-   than as one draw against another.
+   than as one draw against another. An ordering changes only the rounding of the sums, so the
+   orderings share the rest: the model's own rounding to bf16, which is the same in every ordering.
+5. Calibration draws (`--parts seeds`, not in the default set): the same pairs on independent
+   calibration sets (the protocol with seeds `--calib-seeds`), each bf16 run against the float32 run
+   on the same samples: the size and sign of the bf16 difference from one calibration set to another.
 
     python bench/bench_bf16.py [--parts flips eval sensitivity] [--blocks 2 10 20 28] [--seeds 4]
     python bench/bench_bf16.py --parts orders --orders 3 --orders-runs "sparsegpt 2:4" "wanda 2:4"
     python bench/bench_bf16.py --parts orders --orders 3 --orders-runs "wanda 2:4" --checkpoint-dtype bfloat16
+    python bench/bench_bf16.py --parts seeds --calib-seeds 0 1 2 3 4 --orders-runs "wanda 2:4" "sparsegpt 2:4"
     python bench/bench_bf16.py --render bench/results/bf16.json   # the tables again, from the JSON
 
 Prints tables and writes bench/results/bf16.json (about 15 minutes on the 2-core CI machine).
@@ -159,42 +164,59 @@ def flip_summary(flips: list[dict]) -> list[dict]:
     return list(out.values())
 
 
-def ordering_runs(model, adapter, samples, windows, runs: list[str], k: int,
-                  checkpoint: str = "float32") -> tuple[list[dict], list[dict]]:
-    """Each run ('METHOD PATTERN') in float32 and bf16 on k orderings; rows, and per run and dtype the
-    mean, spread and the bf16 mean against the float32 mean. `checkpoint` other than float32: the
+def paired_runs(model, adapter, draws, windows, runs: list[str], checkpoint: str = "float32") -> list[dict]:
+    """Each run ('METHOD PATTERN') in float32 and bf16 on each draw of calibration samples
+    ((index, samples) pairs): one row per run, draw and dtype. `checkpoint` other than float32: the
     model's weights rounded to that dtype first (a bf16 checkpoint, as most are), for both dtypes."""
     rows = []
     if checkpoint != "float32":
         model = copy.deepcopy(model).to(getattr(torch, checkpoint))
+    draws = list(draws)
     for run in runs:
         method, pattern = run.split()
         label = run if checkpoint == "float32" else f"{run}, {checkpoint} checkpoint"
-        for order, perm in orderings(samples.shape[0], k):
+        for draw, samples in draws:
             for dtype, compute in (("float32", FP32), ("bfloat16", BF16)):
                 net = copy.deepcopy(model)
                 report = prune(net, PruneConfig(method=method, pattern=pattern, nsamples=32, seqlen=512,
-                                                dtype=dtype, device="cpu"), samples[perm], adapter)
-                rows.append({"run": label, "order": order, "dtype": dtype, "ppl": perplexity(net, windows, compute)["ppl"],
+                                                dtype=dtype, device="cpu"), samples, adapter)
+                rows.append({"run": label, "order": draw, "dtype": dtype, "ppl": perplexity(net, windows, compute)["ppl"],
                              "prune_seconds": report.prune_seconds})
                 print(rows[-1], flush=True)
-    return rows, ordering_summary(rows)
+    return rows
 
 
 def ordering_summary(rows: list[dict]) -> list[dict]:
+    """Per run and dtype: the mean, spread and the bf16 mean against the float32 mean; and per draw the
+    bf16 run against the float32 run on the same samples (`paired`: mean, sd, min, max of
+    ppl_bf16 / ppl_float32 - 1 over the draws, and how many draws are within 3 %)."""
     out = []
     for label in dict.fromkeys(r["run"] for r in rows):
-        means = {}
+        means, by_dtype = {}, {}
         for dtype in ("float32", "bfloat16"):
-            ppl = [r["ppl"] for r in rows if r["run"] == label and r["dtype"] == dtype]
-            stats = spread(ppl)
+            by_dtype[dtype] = {r["order"]: r["ppl"] for r in rows if r["run"] == label and r["dtype"] == dtype}
+            stats = spread(by_dtype[dtype].values())
             means[dtype] = stats["mean"]
-            out.append({"run": label, "dtype": dtype, "draws": len(ppl), **stats,
+            out.append({"run": label, "dtype": dtype, "draws": len(by_dtype[dtype]), **stats,
                         "vs float32": means[dtype] / means["float32"] - 1})
+        paired = [by_dtype["bfloat16"][d] / by_dtype["float32"][d] - 1 for d in by_dtype["float32"] if d in by_dtype["bfloat16"]]
+        p = spread(paired)
+        out[-1].update({"paired mean": p["mean"], "paired sd": p["sd"], "paired min": p["min"], "paired max": p["max"],
+                        "within 3%": f"{sum(abs(d) <= 0.03 for d in paired)} of {len(paired)}"})
     return out
 
 
-def render(flips: list[dict], evals: list[dict], sens: list[dict], orders: list[dict] | None = None) -> str:
+def draws_table(summary: list[dict], kind: str) -> str:
+    return markdown(summary, [("run", "run", ""), ("dtype", "dtype", ""), ("draws", kind, ""),
+                              ("mean", "mean ppl", ".2f"), ("sd", "sd", ".2f"), ("min", "min", ".2f"),
+                              ("max", "max", ".2f"), ("vs float32", "mean vs float32", "+.1%"),
+                              ("paired mean", "bf16/fp32 - 1 per draw: mean", "+.1%"), ("paired sd", "sd", ".1%"),
+                              ("paired min", "min", "+.1%"), ("paired max", "max", "+.1%"),
+                              ("within 3%", "draws within 3 %", "")])
+
+
+def render(flips: list[dict], evals: list[dict], sens: list[dict], orders: list[dict] | None = None,
+           seeds: list[dict] | None = None) -> str:
     layer_cols = [(n, f"{n} %", ".3f") for n in layer_names(flips)] + [("weights", "weights flipped", ".0f")]
     parts = []
     if flips:
@@ -206,9 +228,9 @@ def render(flips: list[dict], evals: list[dict], sens: list[dict], orders: list[
         parts.append(markdown(sens, [("statistics", "float32 wanda 2:4, statistics", ""), ("ppl", "ppl", ".2f"),
                                      ("vs exact", "vs exact", "+.2%")]))
     if orders:
-        parts.append(markdown(orders, [("run", "run", ""), ("dtype", "dtype", ""), ("draws", "orderings", ""),
-                                       ("mean", "mean ppl", ".2f"), ("sd", "sd", ".2f"), ("min", "min", ".2f"),
-                                       ("max", "max", ".2f"), ("vs float32", "mean vs float32", "+.1%")]))
+        parts.append(draws_table(orders, "orderings"))
+    if seeds:
+        parts.append(draws_table(seeds, "calibration draws"))
     return "\n\n".join(parts)
 
 
@@ -222,8 +244,10 @@ def main():
     ap.add_argument("--parts", nargs="+", default=["flips", "eval", "sensitivity"])
     ap.add_argument("--orders", type=int, default=3, help="orderings per run for --parts orders")
     ap.add_argument("--orders-runs", nargs="+", default=["sparsegpt 2:4", "wanda 2:4"])
+    ap.add_argument("--calib-seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+                    help="--parts seeds: the seeds of the independent calibration draws")
     ap.add_argument("--checkpoint-dtype", default="float32",
-                    help="--parts orders: round SmolLM2's float32 weights to this dtype first (bfloat16)")
+                    help="--parts orders/seeds: round SmolLM2's float32 weights to this dtype first (bfloat16)")
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bf16.json"))
     ap.add_argument("--render", metavar="JSON", help="print the tables of an earlier run and exit")
@@ -232,12 +256,12 @@ def main():
         with open(args.render) as f:
             saved = json.load(f)
         print(render(saved["rows"], saved["meta"]["eval_dtype"], saved["meta"]["sensitivity"],
-                     saved["meta"].get("orders_summary")))
+                     ordering_summary(saved["meta"].get("orders", [])), ordering_summary(saved["meta"].get("seeds", []))))
         return
 
     model, tokenizer, adapter, _ = load("smollm2-135m")
     samples, windows = protocol(tokenizer, windows=args.windows)
-    flips, evals, sens, orders, summary = [], [], [], [], []
+    flips, evals, sens, orders, seeds = [], [], [], [], []
     if "flips" in args.parts:
         flips = mask_flips(model, adapter, samples, args.blocks, args.eps)
 
@@ -263,21 +287,31 @@ def main():
             sens[-1]["vs exact"] = sens[-1]["ppl"] / sens[0]["ppl"] - 1
             print(sens[-1], flush=True)
     if "orders" in args.parts:
-        orders, summary = ordering_runs(model, adapter, samples, windows, args.orders_runs, args.orders,
-                                        args.checkpoint_dtype)
+        orders = paired_runs(model, adapter, ((k, samples[perm]) for k, perm in orderings(samples.shape[0], args.orders)),
+                             windows, args.orders_runs, args.checkpoint_dtype)
+    if "seeds" in args.parts:  # independent calibration draws: protocol(seed=s)
+        seeds = paired_runs(model, adapter, ((s, protocol(tokenizer, windows=1, seed=s)[0]) for s in args.calib_seeds),
+                            windows, args.orders_runs, args.checkpoint_dtype)
     if os.path.exists(args.out):  # keep the parts of an earlier run that this one did not redo
         with open(args.out) as f:
             saved = json.load(f)
         flips = flips or saved["rows"]
         evals = evals or saved["meta"].get("eval_dtype", [])
         sens = sens or saved["meta"].get("sensitivity", [])
-        redone = {r["run"] for r in orders}  # runs of another label (checkpoint dtype) are kept
-        orders = [r for r in saved["meta"].get("orders", []) if r["run"] not in redone] + orders
-        summary = [r for r in saved["meta"].get("orders_summary", []) if r["run"] not in redone] + summary
-    print(render(flips, evals, sens, summary))
+        orders = merged(saved["meta"].get("orders", []), orders)
+        seeds = merged(saved["meta"].get("seeds", []), seeds)
+    orders_summary, seeds_summary = ordering_summary(orders), ordering_summary(seeds)
+    print(render(flips, evals, sens, orders_summary, seeds_summary))
     write_results(args.out, flips, {**meta(), "eval_dtype": evals, "sensitivity": sens,
                                     "sensitivity_eps": args.sensitivity_eps, "orders": orders,
-                                    "orders_summary": summary})
+                                    "orders_summary": orders_summary, "seeds": seeds, "seeds_summary": seeds_summary})
+
+
+def merged(saved: list[dict], new: list[dict]) -> list[dict]:
+    """An earlier run's rows with this run's in place of those of the same run label (runs of another
+    label, e.g. another checkpoint dtype, are kept)."""
+    redone = {r["run"] for r in new}
+    return [r for r in saved if r["run"] not in redone] + new
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """One SmolLM2 decoder block (block 5, over calibration text), float32 vs bfloat16, at several
-sequence lengths: how much faster the passes that pruning is made of get in bf16 on this machine; and the two kernels a block is made of
-(the MLP's 576x1536 matmul over 2048 tokens, and causal attention over 4 x 512 tokens with 9 query /
-3 key-value heads: PyTorch's sdpa, and prunekit's bf16 kernel). Prints tables, writes bench/results/block.json.
+sequence lengths: how much faster the passes that pruning is made of get in bf16 on this machine;
+and the two kernels a block is made of (the MLP's 576x1536 matmul over 2048 tokens, and causal
+attention over 4 x 512 tokens with 9 query / 3 key-value heads: PyTorch's sdpa, and prunekit's bf16
+kernel). Prints tables, writes bench/results/block.json.
 
     python bench/bench_block.py
 """

@@ -284,7 +284,8 @@ def main():
         same = {"min": exact["masks_equal"], "mean": exact["masks_equal"], "block0_min": exact["masks_equal"],
                 "overall": exact["masks_equal"]} if "reference arithmetic" in r["impl"] else agree
         r.update({f"agree_{k}": v for k, v in same.items() if k != "argmin"})
-    print(markdown(rows, [("threads", "threads", ""), ("pattern", "pattern", ""), ("impl", "implementation", ""), ("ppl", "ppl", ".3f"),
+    print(markdown(rows, [("threads", "threads", ""), ("pattern", "pattern", ""), ("impl", "implementation", ""),
+                          ("ppl", "ppl", ".3f"),
                           ("prune_seconds", "prune s", ".1f"), ("sparsity", "sparsity", ".6f"),
                           ("agree_min", "mask agree min", ".5f"), ("agree_mean", "mean", ".5f"),
                           ("agree_block0_min", "block-0 min", ".6f"), ("agree_overall", "overall", ".5f")]))

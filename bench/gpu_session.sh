@@ -13,7 +13,8 @@
 #                                     # floor's parts, Wanda and 2:4 under --compile (cold compile),
 #                                     # 2:4, STADE and AlphaPruning eager
 #   bash bench/gpu_session.sh more    # the rest of what changed (~8 min): --compile's CUDA test and
-#                                     # with a warm cache, the compiled floor, ESD streams, N:M selection
+#                                     # with a warm cache, the compiled floor, ESD streams, N:M selection,
+#                                     # SparseGPT on 8 blocks
 #                                     # (float32 vs bf16 block inputs: `storage`)
 #   bash bench/gpu_session.sh         # both
 set -u
@@ -47,7 +48,8 @@ IND=${IND:-/tmp/prunekit-inductor}  # the inductor cache of the --compile runs (
 if [ "$part" = next ]; then
   # correctness first: on the GPU every plan gives the same model (the worker's weight copies, biases
   # added on the device included), and the CUDA-only tests (--compile's is left to the next step)
-  step 90 $PY -m pytest -q -p no:cacheprovider tests/test_placement.py tests/test_speed.py -k "cuda or every_plan or streamer"
+  step 90 $PY -m pytest -q -p no:cacheprovider tests/test_placement.py tests/test_speed.py tests/test_stade.py \
+    -k "cuda or every_plan or streamer"
   # Wanda 50 % under each plan with the worker-thread weight copies, the floor, and where the floor's
   # time goes (full pass, statistics pass with and without its sums, two ways to a sum of squares)
   step 180 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --runs wanda --offload auto weights cpu --floor-parts \
@@ -78,6 +80,9 @@ if [ "$part" = more ]; then
     --skip-byte-key --out "$OUT/esd_streams.json"
   # mask selection: N:M by stable ranks (prunekit's on a GPU now) against topk, 7B shapes
   step 40 $PY bench/bench_masks.py --device $DEV $MASK_ARGS --out "$OUT/masks.json"
+  # SparseGPT, 8 of the 32 blocks, X^T X by one bf16 GEMM to float32 (stats.EXACT_LOW_GRAM); the
+  # last run (float32 GEMM) spent 20.4 of its 36.7 s in the statistics passes
+  step 70 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --layers 8 --no-floor --runs sparsegpt --out "$OUT/gpu_sparsegpt.json"
   exit 0
 fi
 if [ "$part" = all ] || [ "$part" = prune ]; then

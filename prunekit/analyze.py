@@ -14,8 +14,8 @@ def analyze(model: str, config: PruneConfig) -> dict:
     precision = esd_precision(getattr(config, "esd_dtype", "auto"), config.alpha_metric)
     spectra = model_spectra(net, adapter, resolve_device(config.device), precision=precision)
     alphas = layer_alphas(spectra["eigs"], config.alpha_metric, config.alpha_reference_quirk)
-    alloc = alpha_allocation(alphas, adapter, adapter.parameter_counts(net), config.sparsity, config.epsilon, config.alpha_mapping,
-                             config.max_layer_sparsity)
+    alloc = alpha_allocation(alphas, adapter, adapter.parameter_counts(net), config.sparsity, config.epsilon,
+                             config.alpha_mapping, config.max_layer_sparsity)
     prefix = adapter.blocks_path + "."
     matrices = []
     for name, value in alphas.items():

@@ -165,3 +165,48 @@ def test_only_stade_layers_are_centred():
     assert build_scorer(PruneConfig(method="stade")).centred(True)
     sw = build_scorer(PruneConfig(method="stade-w"))
     assert sw.centred(False) and not sw.centred(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_gram_is_the_float32_gram(dtype, monkeypatch):
+    """X^T X of a bf16/fp16 batch by one GEMM to float32 (stats.EXACT_LOW_GRAM, a GPU kernel; its
+    float32 result emulated here on the CPU): the same accumulation over batches as the float32 path,
+    no float32 copy of the batch, the reference arithmetic left on its own float32 operations."""
+    import prunekit.stats as stats_module
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(6, 64, 48, generator=g) * 3).to(dtype)
+    calls = []
+
+    def emulated(batch):
+        calls.append(batch.dtype)
+        return batch.double().T.matmul(batch.double()).float()  # bf16/fp16 products are exact in float32
+    results = {}
+    for low in (False, True):
+        monkeypatch.setattr(stats_module, "EXACT_LOW_GRAM", {"cpu", "cuda"} if low else {"cuda"})
+        monkeypatch.setattr(stats_module, "_MM_OUT_DTYPE", True)
+        monkeypatch.setattr(stats_module, "exact_low_gram", emulated)
+        st, ref = ChannelStats(48, centred=False, gram=True), ChannelStats(48, centred=False, gram="running")
+        for chunk in x.split(2):
+            st.update(chunk)
+            ref.update(chunk)
+        results[low] = (st, ref)
+    assert calls == [dtype] * 3  # one GEMM per batch, on the batch as it is; none for "running"
+    torch.testing.assert_close(results[True][0].xtx, results[False][0].xtx, rtol=1e-5, atol=1e-3)
+    assert torch.equal(results[True][1].xtx, results[False][1].xtx)
+    assert torch.equal(results[True][0].sum_sq, results[False][0].sum_sq)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_gram_on_cuda(dtype):
+    """The real kernel: X^T X of a bf16/fp16 batch on the GPU against float64 of the same numbers."""
+    import prunekit.stats as stats_module
+    x = (torch.randn(4, 512, 96, device="cuda") * 3).to(dtype)
+    assert stats_module.low_precision_gram(x.reshape(-1, 96))
+    st = ChannelStats(96, centred=False, gram=True)
+    for chunk in x.split(2):
+        st.update(chunk)
+    flat = x.reshape(-1, 96).double()
+    exact = flat.T @ flat
+    assert st.xtx.dtype == torch.float32
+    torch.testing.assert_close(st.xtx.double(), exact, rtol=1e-5, atol=1e-6 * exact.abs().max().item())

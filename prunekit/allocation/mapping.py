@@ -161,8 +161,8 @@ def nm_allocation(sparsities, params, m: int) -> list[int]:
     rem = [v - n for v, n in zip(x.tolist(), N)]
     frac = [p / (m * P.sum().item()) for p in P.tolist()]  # one N step, in weighted-mean units
     cur = sum(n * f for n, f in zip(N, frac))
-    for l in sorted(range(len(N)), key=lambda l: -rem[l]):
-        if N[l] < m - 1 and abs(cur + frac[l] - T) < abs(cur - T):
-            N[l] += 1
-            cur += frac[l]
+    for i in sorted(range(len(N)), key=lambda i: -rem[i]):
+        if N[i] < m - 1 and abs(cur + frac[i] - T) < abs(cur - T):
+            N[i] += 1
+            cur += frac[i]
     return N
