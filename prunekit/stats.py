@@ -19,7 +19,11 @@ X^T X of a bf16/fp16 batch on a GPU (EXACT_LOW_GRAM) is one bf16/fp16 GEMM with 
 float32 and the GEMM sums in float32, so it is the float32 GEMM of the same numbers, at the tensor
 cores' rate instead of float32's (on an H200 the float32 X^T X was 19 of SparseGPT's 37 s over 8
 blocks of a 7B model), and with no float32 copy of the batch. The CPU has no such kernel and keeps
-the float32 GEMM; the reference arithmetic (`gram="running"`) keeps its own float32 operations.
+the float32 GEMM, but on the CPU (TRIANGULAR_GRAM) only the upper triangle of X^T X is accumulated,
+by one GEMM per band of GRAM_BANDS rows (about 0.56 of the products at 8 bands) and mirrored once
+when it is read (`gram_matrix()`). Each entry is the same dot product over the same tokens as in the
+full GEMM; on this project's CPU the result is the full GEMM's bit for bit, in a third less time. The
+reference arithmetic (`gram="running"`) keeps its own float32 operations.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ import torch
 
 FUSED_REDUCTIONS = {"cuda"}  # device types whose statistics read each batch once (see above)
 EXACT_LOW_GRAM = {"cuda"}    # device types whose X^T X of a bf16/fp16 batch is one GEMM to float32 (see above)
+TRIANGULAR_GRAM = {"cpu"}    # device types that accumulate the upper triangle of a float32 X^T X only (see above)
+GRAM_BANDS = 8
 _MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(a, b, out_dtype) exists (torch >= 2.8)
 
 
@@ -41,6 +47,22 @@ def low_precision_gram(x: torch.Tensor) -> bool:
 def exact_low_gram(x: torch.Tensor) -> torch.Tensor:
     """X^T X (float32) of a bf16/fp16 (tokens, columns) batch by one GEMM with a float32 output."""
     return torch.mm(x.T, x, out_dtype=torch.float32)
+
+
+def add_upper_gram(h: torch.Tensor, x: torch.Tensor, bands: int = GRAM_BANDS) -> torch.Tensor:
+    """h += X^T X on and above the diagonal, for a float32 (tokens, columns) batch x: rows [i, i + b)
+    of h get x[:, i:i+b]^T x[:, i:], one GEMM per band of b = ceil(columns / bands) rows. Entries
+    below the diagonal outside the diagonal blocks are left as they were (mirror_upper reads none)."""
+    b = -(-x.shape[1] // bands)
+    for i in range(0, x.shape[1], b):
+        h[i:i + b, i:].addmm_(x[:, i:i + b].T, x[:, i:])
+    return h
+
+
+def mirror_upper(h: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is h's, in h's own memory."""
+    lower = h.triu(1).T
+    return h.triu_().add_(lower)
 
 
 def chan_merge(n_a: int, mean_a: torch.Tensor, m2_a: torch.Tensor, n_b: int, mean_b: torch.Tensor,
@@ -76,7 +98,8 @@ class ChannelStats:
     centred: bool = True            # False: sum of squares only (no mean/variance)
     gram: bool | str = False        # also keep xtx = sum over tokens of x x^T (columns x columns);
                                     # "running": xtx is SparseGPT's Hessian, the reference's running average
-    xtx: torch.Tensor | None = None
+    xtx: torch.Tensor | None = None  # read it by gram_matrix(): on the CPU only its upper triangle is kept
+    xtx_upper: bool = False          # xtx holds X^T X's upper triangle (TRIANGULAR_GRAM), not yet mirrored
     derived: dict = field(default_factory=dict)  # what a scorer computes once per input (SparseGPT's Hinv)
 
     def update(self, x: torch.Tensor) -> None:
@@ -104,6 +127,10 @@ class ChannelStats:
                     self.xtx = xtx if self.xtx is None else self.xtx.add_(xtx)
                 elif self.gram == "running":
                     self.xtx = running_hessian(self.xtx, self.nseq, f32, nseq)
+                elif f32.device.type in TRIANGULAR_GRAM and (self.xtx is None or self.xtx_upper):
+                    if self.xtx is None:
+                        self.xtx = torch.zeros(f32.shape[1], f32.shape[1], dtype=torch.float32, device=f32.device)
+                    self.xtx, self.xtx_upper = add_upper_gram(self.xtx, f32), True
                 else:
                     self.xtx = f32.T @ f32 if self.xtx is None else self.xtx.addmm_(f32.T, f32)
         self.ntokens += flat.shape[0]
@@ -125,6 +152,13 @@ class ChannelStats:
         else:
             self.mean, self.m2 = chan_merge(self.ntokens, self.mean, self.m2, n_b, mean_b, m2_b)
             self.sum_sq = self.sum_sq + sq_b
+
+    def gram_matrix(self) -> torch.Tensor | None:
+        """X^T X, the whole symmetric matrix (mirrored once, in place, where only its upper triangle was
+        accumulated)."""
+        if self.xtx_upper:
+            self.xtx, self.xtx_upper = mirror_upper(self.xtx), False
+        return self.xtx
 
     @property
     def wanda_norm_sq(self) -> torch.Tensor:

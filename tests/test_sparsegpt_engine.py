@@ -64,7 +64,7 @@ def test_hessian_stays_float32_in_bf16_passes(samples):
     block = adapter.blocks(model)[0]
     with collect_stats(adapter.block_linears(block), gram=lambda n: True, centred=lambda n: False) as stats:
         run_block(block, inputs, low)
-    xtx = stats["self_attn.q_proj"].xtx
+    xtx = stats["self_attn.q_proj"].gram_matrix()
     assert xtx.dtype == torch.float32
     assert torch.allclose(xtx.diagonal(), stats["self_attn.q_proj"].sum_sq, rtol=1e-4)
 

@@ -137,7 +137,7 @@ def test_fused_reductions_agree_with_the_cpu_ones(dtype, gram, monkeypatch):
             torch.testing.assert_close(fused.mean, exact.mean, rtol=2e-6, atol=0)
             torch.testing.assert_close(fused.variance, exact.variance, rtol=2e-4, atol=0)
         if gram:
-            assert torch.equal(fused.xtx, exact.xtx)
+            assert torch.equal(fused.gram_matrix(), exact.gram_matrix())
 
 
 @pytest.mark.parametrize("method", ["wanda", "stade", "sparsegpt"])
@@ -191,8 +191,8 @@ def test_low_precision_gram_is_the_float32_gram(dtype, monkeypatch):
             ref.update(chunk)
         results[low] = (st, ref)
     assert calls == [dtype] * 3  # one GEMM per batch, on the batch as it is; none for "running"
-    torch.testing.assert_close(results[True][0].xtx, results[False][0].xtx, rtol=1e-5, atol=1e-3)
-    assert torch.equal(results[True][1].xtx, results[False][1].xtx)
+    torch.testing.assert_close(results[True][0].gram_matrix(), results[False][0].gram_matrix(), rtol=1e-5, atol=1e-3)
+    assert torch.equal(results[True][1].gram_matrix(), results[False][1].gram_matrix())
     assert torch.equal(results[True][0].sum_sq, results[False][0].sum_sq)
 
 
@@ -210,3 +210,31 @@ def test_low_precision_gram_on_cuda(dtype):
     exact = flat.T @ flat
     assert st.xtx.dtype == torch.float32
     torch.testing.assert_close(st.xtx.double(), exact, rtol=1e-5, atol=1e-6 * exact.abs().max().item())
+
+
+@pytest.mark.parametrize("columns,bands", [(48, 8), (50, 8), (7, 8), (33, 1), (64, 3)])
+def test_upper_triangle_gram_is_the_full_gram(columns, bands, monkeypatch):
+    """The CPU's X^T X (stats.TRIANGULAR_GRAM): the upper triangle accumulated band by band over
+    batches, then mirrored, is the full GEMM's X^T X, whatever divides what; read twice, the same."""
+    import prunekit.stats as stats_module
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 40, columns, generator=g) * 2
+    monkeypatch.setattr(stats_module, "GRAM_BANDS", bands)
+    h = torch.zeros(columns, columns)
+    for chunk in x.split(2):
+        stats_module.add_upper_gram(h, chunk.reshape(-1, columns), bands)
+    flat = x.reshape(-1, columns).double()
+    exact = (flat.T @ flat).float()
+    full = stats_module.mirror_upper(h)
+    assert torch.equal(full, full.T)
+    torch.testing.assert_close(full, exact, rtol=1e-5, atol=1e-4)
+    results = {}
+    for tri in (False, True):
+        monkeypatch.setattr(stats_module, "TRIANGULAR_GRAM", {"cpu"} if tri else set())
+        st = ChannelStats(columns, centred=False, gram=True)
+        for chunk in x.split(2):
+            st.update(chunk)
+        assert st.xtx_upper == tri
+        results[tri] = st
+    torch.testing.assert_close(results[True].gram_matrix(), results[False].gram_matrix(), rtol=1e-5, atol=1e-4)
+    assert not results[True].xtx_upper and torch.equal(results[True].gram_matrix(), results[True].gram_matrix().T)

@@ -31,8 +31,8 @@ class SparseGPT(Scorer):
     def prune(self, weight, stats, sparsity, nm, norm_fed) -> LinearPrune:
         factor = stats.derived.get("sparsegpt")
         if factor is None:  # once per distinct input: q/k/v and gate/up share it
-            factor = reference_inverse_factor(stats.xtx, self.percdamp) if self.config.sparsegpt_reference else \
-                sparsegpt_inverse_factor(sparsegpt_hessian(stats.xtx, stats.nseq), self.percdamp)
+            factor = reference_inverse_factor(stats.gram_matrix(), self.percdamp) if self.config.sparsegpt_reference \
+                else sparsegpt_inverse_factor(sparsegpt_hessian(stats.gram_matrix(), stats.nseq), self.percdamp)
             stats.derived["sparsegpt"] = factor
             stats.xtx = None  # the Hessian is consumed; free its memory
         if self.config.sparsegpt_reference:
