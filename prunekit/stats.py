@@ -49,11 +49,11 @@ def exact_low_gram(x: torch.Tensor) -> torch.Tensor:
     return torch.mm(x.T, x, out_dtype=torch.float32)
 
 
-def add_upper_gram(h: torch.Tensor, x: torch.Tensor, bands: int = GRAM_BANDS) -> torch.Tensor:
+def add_upper_gram(h: torch.Tensor, x: torch.Tensor, bands: int | None = None) -> torch.Tensor:
     """h += X^T X on and above the diagonal, for a float32 (tokens, columns) batch x: rows [i, i + b)
     of h get x[:, i:i+b]^T x[:, i:], one GEMM per band of b = ceil(columns / bands) rows. Entries
     below the diagonal outside the diagonal blocks are left as they were (mirror_upper reads none)."""
-    b = -(-x.shape[1] // bands)
+    b = -(-x.shape[1] // (bands or GRAM_BANDS))
     for i in range(0, x.shape[1], b):
         h[i:i + b, i:].addmm_(x[:, i:i + b].T, x[:, i:])
     return h
