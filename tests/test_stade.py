@@ -208,8 +208,8 @@ def test_low_precision_gram_on_cuda(dtype):
         st.update(chunk)
     flat = x.reshape(-1, 96).double()
     exact = flat.T @ flat
-    assert st.xtx.dtype == torch.float32
-    torch.testing.assert_close(st.xtx.double(), exact, rtol=1e-5, atol=1e-6 * exact.abs().max().item())
+    assert st.gram_matrix().dtype == torch.float32
+    torch.testing.assert_close(st.gram_matrix().double(), exact, rtol=1e-5, atol=1e-6 * exact.abs().max().item())
 
 
 @pytest.mark.parametrize("columns,bands", [(48, 8), (50, 8), (7, 8), (33, 1), (64, 3)])
