@@ -13,9 +13,9 @@
 #                                     # floor's parts, Wanda and 2:4 under --compile (cold compile),
 #                                     # 2:4, STADE and AlphaPruning eager
 #   bash bench/gpu_session.sh more    # the rest of what changed (~8 min): --compile's CUDA test and
-#                                     # with a warm cache, the compiled floor, ESD streams, N:M selection,
-#                                     # SparseGPT on 8 blocks
+#                                     # with a warm cache, the compiled floor, ESD streams, N:M selection
 #                                     # (float32 vs bf16 block inputs: `storage`)
+#   bash bench/gpu_session.sh gram    # SparseGPT on 8 blocks and X^T X's GEMMs at 7B widths (~2 min)
 #   bash bench/gpu_session.sh         # both
 set -u
 cd "$(dirname "$0")/.."
@@ -42,8 +42,10 @@ fi
 part=${1:-all}
 # `next` and `more` take their sizes from here, so that they can be dry-run on the CPU first:
 #   SHAPE=tiny SIZE="--layers 2 --nsamples 8 --seqlen 64" DEV=cpu MASK_ARGS="--shapes 64x64 --repeat 1" \
-#     ESD_LAYERS=1 OUT=/tmp/gpu-dry bash bench/gpu_session.sh next
+#     ESD_LAYERS=1 GRAM_ARGS="--columns 64 --tokens 512 --repeat 1" OUT=/tmp/gpu-dry bash bench/gpu_session.sh next
+# (`next`, `more` and `gram` each fit one 10-minute device call)
 SHAPE=${SHAPE:-7b} SIZE=${SIZE:-} DEV=${DEV:-cuda} MASK_ARGS=${MASK_ARGS:-} ESD_LAYERS=${ESD_LAYERS:-4}
+GRAM_ARGS=${GRAM_ARGS:---columns 4096 11008 --tokens 131072 --batches 8 --repeat 3}
 IND=${IND:-/tmp/prunekit-inductor}  # the inductor cache of the --compile runs (outside $OUT: not fetched back)
 if [ "$part" = next ]; then
   # correctness first: on the GPU every plan gives the same model (the worker's weight copies, biases
@@ -80,9 +82,14 @@ if [ "$part" = more ]; then
     --skip-byte-key --out "$OUT/esd_streams.json"
   # mask selection: N:M by stable ranks (prunekit's on a GPU now) against topk, 7B shapes
   step 40 $PY bench/bench_masks.py --device $DEV $MASK_ARGS --out "$OUT/masks.json"
+  exit 0
+fi
+if [ "$part" = gram ]; then
   # SparseGPT, 8 of the 32 blocks, X^T X by one bf16 GEMM to float32 (stats.EXACT_LOW_GRAM); the
   # last run (float32 GEMM) spent 20.4 of its 36.7 s in the statistics passes
   step 70 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --layers 8 --no-floor --runs sparsegpt --out "$OUT/gpu_sparsegpt.json"
+  # that X^T X alone at 7B widths: float32 GEMM, upper triangle by bands, bf16 GEMM to float32
+  step 60 $PY bench/bench_gram.py --device $DEV $GRAM_ARGS --out "$OUT/gram.json"
   exit 0
 fi
 if [ "$part" = all ] || [ "$part" = prune ]; then
