@@ -20,10 +20,11 @@ float32 and the GEMM sums in float32, so it is the float32 GEMM of the same numb
 cores' rate instead of float32's (on an H200 the float32 X^T X was 19 of SparseGPT's 37 s over 8
 blocks of a 7B model), and with no float32 copy of the batch. The CPU has no such kernel and keeps
 the float32 GEMM, but on the CPU (TRIANGULAR_GRAM) only the upper triangle of X^T X is accumulated,
-by one GEMM per band of GRAM_BANDS rows (about 0.56 of the products at 8 bands) and mirrored once
+in GRAM_BANDS bands of rows, one GEMM each (9/16 of the products at 8 bands), and mirrored once
 when it is read (`gram_matrix()`). Each entry is the same dot product over the same tokens as in the
 full GEMM; on this project's CPU the result is the full GEMM's bit for bit, in 0.67 to 0.73 of its
-time at SmolLM2's widths (bench/bench_gram.py, bench/results/gram.json). The reference arithmetic (`gram="running"`) keeps its own float32 operations.
+time at SmolLM2's widths (bench/bench_gram.py, bench/results/gram.json). The reference arithmetic
+(`gram="running"`) keeps its own float32 operations.
 """
 from __future__ import annotations
 
