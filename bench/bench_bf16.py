@@ -199,7 +199,8 @@ def ordering_summary(rows: list[dict]) -> list[dict]:
             means[dtype] = stats["mean"]
             out.append({"run": label, "dtype": dtype, "draws": len(by_dtype[dtype]), **stats,
                         "vs float32": means[dtype] / means["float32"] - 1})
-        paired = [by_dtype["bfloat16"][d] / by_dtype["float32"][d] - 1 for d in by_dtype["float32"] if d in by_dtype["bfloat16"]]
+        fp32, bf16 = by_dtype["float32"], by_dtype["bfloat16"]
+        paired = [bf16[d] / fp32[d] - 1 for d in fp32 if d in bf16]
         p = spread(paired)
         out[-1].update({"paired mean": p["mean"], "paired sd": p["sd"], "paired min": p["min"], "paired max": p["max"],
                         "within 3%": f"{sum(abs(d) <= 0.03 for d in paired)} of {len(paired)}"})
@@ -256,7 +257,8 @@ def main():
         with open(args.render) as f:
             saved = json.load(f)
         print(render(saved["rows"], saved["meta"]["eval_dtype"], saved["meta"]["sensitivity"],
-                     ordering_summary(saved["meta"].get("orders", [])), ordering_summary(saved["meta"].get("seeds", []))))
+                     ordering_summary(saved["meta"].get("orders", [])),
+                     ordering_summary(saved["meta"].get("seeds", []))))
         return
 
     model, tokenizer, adapter, _ = load("smollm2-135m")
@@ -287,8 +289,8 @@ def main():
             sens[-1]["vs exact"] = sens[-1]["ppl"] / sens[0]["ppl"] - 1
             print(sens[-1], flush=True)
     if "orders" in args.parts:
-        orders = paired_runs(model, adapter, ((k, samples[perm]) for k, perm in orderings(samples.shape[0], args.orders)),
-                             windows, args.orders_runs, args.checkpoint_dtype)
+        draws = ((k, samples[perm]) for k, perm in orderings(samples.shape[0], args.orders))
+        orders = paired_runs(model, adapter, draws, windows, args.orders_runs, args.checkpoint_dtype)
     if "seeds" in args.parts:  # independent calibration draws: protocol(seed=s)
         seeds = paired_runs(model, adapter, ((s, protocol(tokenizer, windows=1, seed=s)[0]) for s in args.calib_seeds),
                             windows, args.orders_runs, args.checkpoint_dtype)

@@ -34,6 +34,17 @@ class Adapter:
     def block_linears(self, block: nn.Module) -> dict[str, nn.Module]:
         return {name: block.get_submodule(name) for name in self.linears}
 
+    def input_groups(self) -> list[tuple[str, ...]]:
+        """The linears grouped by the tensor they read: consecutive norm-fed linears read one normed
+        input (q/k/v, gate/up), every other linear its own (o_proj, down_proj)."""
+        groups: list[list[str]] = []
+        for i, name in enumerate(self.linears):
+            if name in self.norm_fed and i and self.linears[i - 1] in self.norm_fed:
+                groups[-1].append(name)
+            else:
+                groups.append([name])
+        return [tuple(g) for g in groups]
+
     def parameter_counts(self, model: nn.Module) -> list[dict[str, int]]:
         """Per block: prunable linear name -> number of weights (what allocations weight by)."""
         return [{n: m.weight.numel() for n, m in self.block_linears(b).items()} for b in self.blocks(model)]

@@ -17,11 +17,15 @@ reference protocol's float32 figures are unchanged.
 X^T X of a bf16/fp16 batch on a GPU (EXACT_LOW_GRAM) is one bf16/fp16 GEMM with a float32 output
 (`torch.mm(..., out_dtype=torch.float32)`): the product of two bf16 (or fp16) numbers is exact in
 float32 and the GEMM sums in float32, so it is the float32 GEMM of the same numbers, at the tensor
-cores' rate instead of float32's (on an H200 the float32 X^T X was 19 of SparseGPT's 37 s over 8
-blocks of a 7B model), and with no float32 copy of the batch. The CPU has no such kernel and keeps
-the float32 GEMM, but on the CPU (TRIANGULAR_GRAM) only the upper triangle of X^T X is accumulated,
-in GRAM_BANDS bands of rows, one GEMM each (9/16 of the products at 8 bands), and mirrored once
-when it is read (`gram_matrix()`). Each entry is the same dot product over the same tokens as in the
+cores' rate instead of float32's, and with no float32 copy of the batch. (On an H200 the statistics
+passes, float32 X^T X included, were 20.4 of SparseGPT's 36.7 s over 8 blocks of a 7B model, before
+linears reading one tensor shared one X^T X.) In a bf16 pass the batches that are bf16 are the
+inputs of o_proj and down_proj (their producers' outputs); q/k/v and gate/up read the float32
+normed residual stream before autocast lowers it, so their X^T X stays the float32 GEMM. At 7B
+widths the two bf16 ones are 80 % of the X^T X products (4096^2 + 11008^2 of 3 x 4096^2 + 11008^2).
+The CPU has no such kernel and keeps the float32 GEMM, but on the CPU (TRIANGULAR_GRAM) only the
+upper triangle of X^T X is accumulated, in GRAM_BANDS bands of rows, one GEMM each (9/16 of the
+products at 8 bands), and mirrored once when it is read (`gram_matrix()`). Each entry is the same dot product over the same tokens as in the
 full GEMM; on this project's CPU the result is the full GEMM's bit for bit, in 0.67 to 0.73 of its
 time at SmolLM2's widths (bench/bench_gram.py, bench/results/gram.json). The reference arithmetic
 (`gram="running"`) keeps its own float32 operations.

@@ -280,3 +280,24 @@ def test_visiting_points_back_without_copying():
     assert before.keys() == after.keys()
     for name, (ptr, value) in before.items():
         assert after[name].data_ptr() == ptr and torch.equal(after[name], value), name
+
+
+def test_input_groups_and_the_statistics_work_estimate():
+    """Linears that read one tensor form one group (one X^T X for SparseGPT); the planner's work
+    estimate counts one columns^2 float32 matrix per group plus one transient of the widest."""
+    from prunekit.adapters import adapter_for
+    from prunekit.execution.loop import placement_sizes
+    from prunekit.execution.precision import Compute
+    from prunekit.scoring import build_scorer
+    assert adapter_for("llama").input_groups() == [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                                                   ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"),
+                                                   ("mlp.down_proj",)]
+    assert [len(g) for g in adapter_for("opt").input_groups()] == [3, 1, 1, 1]
+    model, adapter = tiny_model("llama"), adapter_for("llama")
+    compute = Compute(torch.device("cpu"), torch.float32)
+    work = {}
+    for method in ("wanda", "sparsegpt"):
+        config = PruneConfig(method=method, nsamples=4, seqlen=16)
+        work[method] = placement_sizes(model, adapter, config, compute, build_scorer(config), (4, 16)).work
+    hidden, inter = model.config.hidden_size, model.config.intermediate_size
+    assert work["sparsegpt"] - work["wanda"] == 4 * (3 * hidden ** 2 + inter ** 2) + 4 * max(hidden, inter) ** 2

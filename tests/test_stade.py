@@ -171,7 +171,7 @@ def test_only_stade_layers_are_centred():
 def test_low_precision_gram_is_the_float32_gram(dtype, monkeypatch):
     """X^T X of a bf16/fp16 batch by one GEMM to float32 (stats.EXACT_LOW_GRAM, a GPU kernel; its
     float32 result emulated here on the CPU): the same accumulation over batches as the float32 path,
-    no float32 copy of the batch, the reference arithmetic left on its own float32 operations."""
+    the reference arithmetic left on its own float32 operations."""
     import prunekit.stats as stats_module
     g = torch.Generator().manual_seed(7)
     x = (torch.randn(6, 64, 48, generator=g) * 3).to(dtype)
@@ -196,7 +196,31 @@ def test_low_precision_gram_is_the_float32_gram(dtype, monkeypatch):
     assert torch.equal(results[True][0].sum_sq, results[False][0].sum_sq)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+class _NoFloatCopy(torch.Tensor):
+    """A batch that fails if anything makes a float32 copy of it."""
+    def float(self, *args, **kwargs):
+        raise AssertionError("a float32 copy of the batch")
+
+
+def test_low_precision_gram_makes_no_float32_copy(monkeypatch):
+    """With the GPU's reductions and its X^T X (both forced here, the GEMM emulated), a bf16 batch is
+    read as it is: nothing calls .float() on it."""
+    import prunekit.stats as stats_module
+    monkeypatch.setattr(stats_module, "FUSED_REDUCTIONS", {"cpu", "cuda"})
+    monkeypatch.setattr(stats_module, "EXACT_LOW_GRAM", {"cpu", "cuda"})
+    monkeypatch.setattr(stats_module, "_MM_OUT_DTYPE", True)
+    monkeypatch.setattr(stats_module, "exact_low_gram", lambda b: b.double().T.matmul(b.double()).to(torch.float32))
+    x = torch.randn(2, 32, 16).bfloat16().as_subclass(_NoFloatCopy)
+    st = ChannelStats(16, centred=False, gram=True)
+    st.update(x)
+    assert st.gram_matrix().dtype == torch.float32
+    monkeypatch.setattr(stats_module, "EXACT_LOW_GRAM", {"cuda"})  # the CPU's float32 X^T X does copy
+    with pytest.raises(AssertionError, match="float32 copy"):
+        ChannelStats(16, centred=False, gram=True).update(x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not __import__("prunekit.stats").stats._MM_OUT_DTYPE,
+                    reason="no CUDA GPU visible, or torch < 2.8 (no torch.mm(..., out_dtype))")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_gram_on_cuda(dtype):
     """The real kernel: X^T X of a bf16/fp16 batch on the GPU against float64 of the same numbers."""
@@ -215,7 +239,7 @@ def test_low_precision_gram_on_cuda(dtype):
 @pytest.mark.parametrize("columns,bands", [(48, 8), (50, 8), (7, 8), (33, 1), (64, 3)])
 def test_upper_triangle_gram_is_the_full_gram(columns, bands, monkeypatch):
     """The CPU's X^T X (stats.TRIANGULAR_GRAM): the upper triangle accumulated band by band over
-    batches, then mirrored, is the full GEMM's X^T X, whatever divides what; read twice, the same."""
+    batches, then mirrored, is the full GEMM's X^T X, whatever divides what; mirrored once only."""
     import prunekit.stats as stats_module
     g = torch.Generator().manual_seed(3)
     x = torch.randn(5, 40, columns, generator=g) * 2
@@ -237,4 +261,5 @@ def test_upper_triangle_gram_is_the_full_gram(columns, bands, monkeypatch):
         assert st.xtx_upper == tri
         results[tri] = st
     torch.testing.assert_close(results[True].gram_matrix(), results[False].gram_matrix(), rtol=1e-5, atol=1e-4)
-    assert not results[True].xtx_upper and torch.equal(results[True].gram_matrix(), results[True].gram_matrix().T)
+    first = results[True].gram_matrix()
+    assert not results[True].xtx_upper and results[True].gram_matrix() is first and torch.equal(first, first.T)

@@ -259,10 +259,12 @@ def placement_sizes(model: nn.Module, adapter: Adapter, config: PruneConfig, com
     acts, batch_acts = nsamples * seqlen * hidden * itemsize, batch * seqlen * hidden * itemsize
     tokens = batch * seqlen
     # a pass over one batch: float32 residual stream and normed copies, the MLP's widest activations,
-    # plus the statistics (X^T X for SparseGPT: one columns^2 float32 matrix per distinct input)
-    inputs = [adapter.weight(m).shape[1] for m in adapter.block_linears(blocks[0]).values()]
+    # plus the statistics (X^T X for SparseGPT: one columns^2 float32 matrix per distinct input, and
+    # one more of the widest for a moment: a batch's X^T X on a GPU, the mirror on the CPU)
+    linears = adapter.block_linears(blocks[0])
+    inputs = [adapter.weight(linears[group[0]]).shape[1] for group in adapter.input_groups()]
     work = tokens * (6 * hidden + 3 * widest) * 4
-    work += sum(c * c * 4 for c in set(inputs)) if scorer.gram(True) or scorer.gram(False) else 0
+    work += sum(c * c * 4 for c in inputs) + max(inputs) ** 2 * 4 if scorer.gram(True) or scorer.gram(False) else 0
     copies = 2 if (config.record_error or needs_data(config.allocation)) else 1
     device_free = None
     if compute.device.type == "cuda":
