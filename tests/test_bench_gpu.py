@@ -44,3 +44,18 @@ def test_bench_gpu_compiled_rows(tmp_path, monkeypatch):
                            "--runs", "wanda --compile", "--dtype", "float32", "--out", str(out)])
     assert [(r["run"], r["compile"]) for r in rows] == [("wanda --compile", True)]
     assert rows[0]["sparsity"] > 0.49 and rows[0]["compile_s"] is not None
+
+
+def test_bench_gram_tiny(tmp_path):
+    """bench/bench_gram.py on the CPU: a row per way and width, the banded upper triangle checked
+    against the full GEMM (the same sums in the same order: bit for bit), the JSON written."""
+    import bench_gram
+    out = tmp_path / "gram.json"
+    bench_gram.main(["--columns", "24", "40", "--tokens", "96", "--batches", "3", "--bands", "4", "8",
+                     "--repeat", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["columns"], r["way"]) for r in rows] == [
+        (c, w) for c in (24, 40) for w in ("full float32 GEMM", "upper triangle, 4 bands", "upper triangle, 8 bands")]
+    assert all(r["ms"] > 0 for r in rows) and {r["vs full"] for r in rows if r["way"].startswith("full")} == {1.0}
+    assert all(r["same"] == "bit for bit" or r["same"].startswith("max rel diff") for r in rows)
+    assert all(float(r["same"].split()[-1]) < 1e-5 for r in rows if r["same"] != "bit for bit")
