@@ -25,10 +25,11 @@ normed residual stream before autocast lowers it, so their X^T X stays the float
 widths the two bf16 ones are 80 % of the X^T X products (4096^2 + 11008^2 of 3 x 4096^2 + 11008^2).
 The CPU has no such kernel and keeps the float32 GEMM, but on the CPU (TRIANGULAR_GRAM) only the
 upper triangle of X^T X is accumulated, in GRAM_BANDS bands of rows, one GEMM each (9/16 of the
-products at 8 bands), and mirrored once when it is read (`gram_matrix()`). Each entry is the same dot product over the same tokens as in the
-full GEMM; on this project's CPU the result is the full GEMM's bit for bit, in 0.67 to 0.73 of its
-time at SmolLM2's widths (bench/bench_gram.py, bench/results/gram.json). The reference arithmetic
-(`gram="running"`) keeps its own float32 operations.
+products at 8 bands), and mirrored once when it is read (`gram_matrix()`). Each entry is the same
+dot product over the same tokens as in the full GEMM; on this project's CPU the result is the full
+GEMM's bit for bit, in 0.67 to 0.73 of its time at SmolLM2's widths (bench/bench_gram.py,
+bench/results/gram.json). The reference arithmetic (`gram="running"`) keeps its own float32
+operations.
 """
 from __future__ import annotations
 

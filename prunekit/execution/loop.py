@@ -252,7 +252,8 @@ def placement_sizes(model: nn.Module, adapter: Adapter, config: PruneConfig, com
     block_bytes = [_bytes(list(b.parameters()) + list(b.buffers())) for b in blocks]
     shell = _bytes(p for p in model.parameters() if id(p) not in in_blocks)
     hidden = model.get_input_embeddings().weight.shape[-1]
-    widest = max(max(adapter.weight(m).shape) for m in adapter.block_linears(blocks[0]).values())
+    linears = adapter.block_linears(blocks[0])
+    widest = max(max(adapter.weight(m).shape) for m in linears.values())
     nsamples, seqlen = shape if shape is not None else (0, 0)
     batch = min(config.effective_batch_size, max(nsamples, 1))
     itemsize = torch.finfo(storage).bits // 8
@@ -261,7 +262,6 @@ def placement_sizes(model: nn.Module, adapter: Adapter, config: PruneConfig, com
     # a pass over one batch: float32 residual stream and normed copies, the MLP's widest activations,
     # plus the statistics (X^T X for SparseGPT: one columns^2 float32 matrix per distinct input, and
     # one more of the widest for a moment: a batch's X^T X on a GPU, the mirror on the CPU)
-    linears = adapter.block_linears(blocks[0])
     inputs = [adapter.weight(linears[group[0]]).shape[1] for group in adapter.input_groups()]
     work = tokens * (6 * hidden + 3 * widest) * 4
     work += sum(c * c * 4 for c in inputs) + max(inputs) ** 2 * 4 if scorer.gram(True) or scorer.gram(False) else 0
