@@ -25,7 +25,8 @@ from prunekit.execution.compiled import COMPILE_PHASE  # noqa: E402
 from prunekit.loading import load  # noqa: E402
 
 # "--no-bias-update": what the v2 reference runs (unstructured only); "--stats-dtype float32": bf16 pruned
-# passes with float32 statistics passes (low-precision dtypes only); "--compile" (not run by default): the
+# passes with float32 statistics passes (low-precision dtypes only); "--residual-dtype compute" (not run by
+# default): the residual stream inside each block in the compute dtype too; "--compile" (not run by default): the
 # block passes under torch.compile, its compile included in the prune seconds (set TORCHINDUCTOR_CACHE_DIR
 # to an empty folder for a cold compile)
 METHODS = ["magnitude", "wanda", "stade", "stade --no-bias-update", "stade-w", "wanda --stats-dtype float32",
@@ -66,13 +67,15 @@ def main():
         print(f"{dtype}: floor {floor:.1f} s, dense ppl {dense['ppl']:.3f}", flush=True)
     # the dtypes alternate run by run, so that a slow spell of a shared machine hits both alike
     runs = [(p, m, d) for p in args.patterns for m in args.methods for d in args.dtypes
-            if (p == "unstructured" or "--no-bias-update" not in m) and (d != "float32" or "--stats-dtype" not in m)]
+            if (p == "unstructured" or "--no-bias-update" not in m) and (d != "float32" or ("--stats-dtype" not in m and "--residual-dtype" not in m))]
     for pattern, label, dtype in runs:
         net = copy.deepcopy(model)
         words = label.split()
         stats_dtype = words[words.index("--stats-dtype") + 1] if "--stats-dtype" in words else None
+        residual = words[words.index("--residual-dtype") + 1] if "--residual-dtype" in words else "float32"
         config = PruneConfig(method=words[0], pattern=pattern, nsamples=32, seqlen=512, seed=0, dtype=dtype,
-                             stats_dtype=stats_dtype, device="cpu", bias_update="--no-bias-update" not in words,
+                             stats_dtype=stats_dtype, residual_dtype=residual, device="cpu",
+                             bias_update="--no-bias-update" not in words,
                              compile="--compile" in words)
         with PeakRSS() as rss:
             report = prune(net, config, samples, adapter)

@@ -35,6 +35,7 @@ SHAPES = {  # hidden, intermediate, heads, kv heads, blocks
 }
 RUNS = ["wanda", "wanda 2:4", "stade", "wanda alpha", "sparsegpt"]
 COLUMNS = [("run", "run", ""), ("offload", "offload", ""), ("plan", "plan", ""), ("storage", "activations", ""),
+           ("residual", "residual", ""),
            ("prune_s", "prune s", ".2f"),
            ("floor_s", "floor s", ".2f"), ("vs_floor", "vs floor", ".2f"), ("masks_s", "masks s", ".2f"),
            ("weights_host_s", "weights moved s (host)", ".2f"), ("compile_s", "compile s", ".2f"),
@@ -175,6 +176,10 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--activation-dtype", nargs="+", default=["auto"],
                     help="storage dtypes of the block inputs to time: auto float32 bfloat16")
+    ap.add_argument("--residual-dtype", nargs="+", default=["float32"],
+                    help="the residual stream inside a block to time (float32, compute); the floor is measured for each")
+    ap.add_argument("--floor-batches", nargs="+", type=int, default=[],
+                    help="also the floor at each of these batch sizes (sequences per forward), for each --residual-dtype")
     ap.add_argument("--compile-trial", action="store_true", help="time torch.compile on a block pass")
     ap.add_argument("--compile-floor", action="store_true",
                     help="also the floor with the block passes under torch.compile (after one compiling round)")
@@ -191,9 +196,20 @@ def main(argv=None):
     model = build_model(args.shape, args.layers, torch.bfloat16)
     info = {**meta(), "shape": args.shape, "blocks": len(adapter.blocks(model)), "nsamples": args.nsamples,
             "seqlen": args.seqlen, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-    floor = None if args.no_floor else floor_seconds(model, adapter, ids, PruneConfig(**base))
-    if floor is not None:
-        print(f"{args.shape} x {len(adapter.blocks(model))} blocks: floor {floor:.2f} s", flush=True)
+    floors = {}
+    for residual in [] if args.no_floor else args.residual_dtype:
+        floors[residual] = floor_seconds(model, adapter, ids, PruneConfig(**base, residual_dtype=residual))
+        print(f"{args.shape} x {len(adapter.blocks(model))} blocks: floor {floors[residual]:.2f} s "
+              f"(residual {residual})", flush=True)
+    info["floors_s"] = floors
+    if args.floor_batches:
+        info["floor_grid_s"] = {}
+        for residual in args.residual_dtype:
+            for batch in args.floor_batches:
+                cfg = PruneConfig(**{**base, "batch_size": batch}, residual_dtype=residual)
+                seconds = info["floor_grid_s"][f"{residual} {batch}"] = floor_seconds(model, adapter, ids, cfg)
+                print(f"floor {seconds:.2f} s (residual {residual}, batch {batch})", flush=True)
+        write_results(args.out, [], info)
     if args.compile_floor:
         info["floor_compiled_s"] = floor_seconds(model, adapter, ids, PruneConfig(**base, compile=True))
         print(f"floor under torch.compile {info['floor_compiled_s']:.2f} s", flush=True)
@@ -211,18 +227,21 @@ def main(argv=None):
         words = label.split()
         pattern = next((w for w in words[1:] if ":" in w), "unstructured")
         allocation = next((w for w in words[1:] if ":" not in w and not w.startswith("--")), "uniform")
-        for offload, storage in [(o, s) for o in args.offload for s in args.activation_dtype]:
+        for offload, storage, residual in [(o, s, r) for o in args.offload for s in args.activation_dtype
+                                           for r in args.residual_dtype]:
             del model
             model = build_model(args.shape, args.layers, torch.bfloat16)
             config = PruneConfig(method=words[0], pattern=pattern, allocation=allocation, offload=offload,
-                                 activation_dtype=storage, compile="--compile" in words, **base)
+                                 activation_dtype=storage, residual_dtype=residual, compile="--compile" in words,
+                                 **base)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             with PeakRSS() as rss:
                 report = prune(model, config, ids, adapter, log=print)
+            floor = floors.get(residual)
             row = {"run": label, "offload": offload, "plan": report.placement["name"], "compile": config.compile,
-                   "storage": report.placement["storage_dtype"],
+                   "storage": report.placement["storage_dtype"], "residual": residual,
                    "prune_s": report.prune_seconds, "floor_s": floor,
                    "vs_floor": report.prune_seconds / floor if floor else None,
                    "masks_s": report.phases.get("masks", 0.0), "phases": report.phases,

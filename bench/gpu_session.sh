@@ -16,6 +16,9 @@
 #                                     # with a warm cache, the compiled floor, ESD streams, N:M selection
 #                                     # (float32 vs bf16 block inputs: `storage`)
 #   bash bench/gpu_session.sh gram    # SparseGPT on 8 blocks and X^T X's GEMMs at 7B widths (~2 min)
+#   bash bench/gpu_session.sh targets # the issue's targets in one call (~9 min): CUDA tests, the floor by residual
+#                                     # stream x batch size, then at the fastest batch: Wanda under each plan,
+#                                     # 2:4, STADE, AlphaPruning, SparseGPT (8 blocks), residual bf16 and float32
 #   bash bench/gpu_session.sh         # both
 set -u
 cd "$(dirname "$0")/.."
@@ -46,7 +49,32 @@ part=${1:-all}
 # (`next`, `more` and `gram` each fit one 10-minute device call)
 SHAPE=${SHAPE:-7b} SIZE=${SIZE:-} DEV=${DEV:-cuda} MASK_ARGS=${MASK_ARGS:-} ESD_LAYERS=${ESD_LAYERS:-4}
 GRAM_ARGS=${GRAM_ARGS:---columns 4096 11008 --tokens 131072 --batches 8 --repeat 3}
+BATCHES=${BATCHES:-1 4 8 16}
 IND=${IND:-/tmp/prunekit-inductor}  # the inductor cache of the --compile runs (outside $OUT: not fetched back)
+if [ "$part" = targets ]; then
+  # the CUDA tests: every plan gives the same model, the worker's copies, --residual-dtype compute on the GPU,
+  # the bf16 GEMM to a float32 X^T X
+  step 100 $PY -m pytest -q -p no:cacheprovider tests/test_placement.py tests/test_speed.py tests/test_stade.py \
+    -k "cuda or every_plan or streamer"
+  # the floor by residual stream (float32, compute dtype) x sequences per forward, and its parts
+  step 80 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --runs --residual-dtype float32 compute \
+    --floor-batches $BATCHES --floor-parts --out "$OUT/gpu_floors.json"
+  B=$($PY -c "import json, sys; g = json.load(open(sys.argv[1]))['meta']['floor_grid_s']
+print(min((v, int(k.split()[1])) for k, v in g.items() if k.startswith('compute'))[1])" "$OUT/gpu_floors.json" || echo 1)
+  echo "batch size for the runs: $B"
+  # Wanda 50 % under each plan, the residual stream in bf16
+  step 150 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --batch-size $B --runs wanda --offload auto weights cpu \
+    --residual-dtype compute --out "$OUT/gpu_wanda_plans.json"
+  # 2:4, STADE and AlphaPruning (plan auto), the residual stream in bf16; then Wanda, 2:4, STADE with a float32 one
+  step 130 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --batch-size $B --runs "wanda 2:4" stade "wanda alpha" \
+    --residual-dtype compute --out "$OUT/gpu_runs_bf16res.json"
+  step 100 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --batch-size $B --runs wanda "wanda 2:4" stade \
+    --residual-dtype float32 --out "$OUT/gpu_runs_f32res.json"
+  # SparseGPT, 8 of the 32 blocks (X^T X by one bf16 GEMM to float32)
+  step 60 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --layers 8 --batch-size $B --no-floor --runs sparsegpt \
+    --residual-dtype compute float32 --out "$OUT/gpu_sparsegpt.json"
+  exit 0
+fi
 if [ "$part" = next ]; then
   # correctness first: on the GPU every plan gives the same model (the worker's weight copies, biases
   # added on the device included), and the CUDA-only tests (--compile's is left to the next step)

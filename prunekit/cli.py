@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the block inputs/outputs kept between passes: auto (float32 where they stay with "
                         "the compute, the compute dtype where they go to host memory or disk), float32, bfloat16, "
                         "float16")
+    p.add_argument("--residual-dtype", default="float32",
+                   help="the residual stream inside a block under a low --dtype: float32 (mixed precision) or compute "
+                        "(bfloat16/float16 throughout, as the reference scripts run: faster passes, less exact)")
     p.add_argument("--offload", default="auto", help="placement: auto (fastest that fits), none (all on the GPU), "
                                                      "weights (blocks streamed from host), cpu (activations too), "
                                                      "disk (blocks read from the checkpoint, written as they finish)")
@@ -134,7 +137,7 @@ def _config(args) -> PruneConfig:
     return PruneConfig(method=args.method, pattern=args.pattern, allocation=args.allocation,
                        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
                        dtype=args.dtype, stats_dtype=args.stats_dtype, activation_dtype=args.activation_dtype,
-                       offload=args.offload,
+                       residual_dtype=args.residual_dtype, offload=args.offload,
                        scratch_dir=args.scratch_dir, save_format=args.save_format, resume=args.resume,
                        checkpoint=not args.no_checkpoint, checkpoint_dir=args.checkpoint_dir,
                        max_shard_size=args.max_shard_size, gguf_cache=args.gguf_cache,

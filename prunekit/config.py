@@ -11,6 +11,7 @@ from .errors import PrunekitError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OFFLOAD = ("auto", "none", "weights", "cpu", "disk")
 ESD_DTYPES = ("auto", "float32", "float64")
+RESIDUAL_DTYPES = ("float32", "compute")
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -41,6 +42,9 @@ class PruneConfig:
     stats_dtype: str | None = None        # compute dtype of the dense statistics passes; None: as dtype
     activation_dtype: str = "auto"        # block inputs/outputs between passes; auto: float32 where they stay
                                           # with the compute, the compute dtype where they go to the host or disk
+    residual_dtype: str = "float32"       # the residual stream inside a block pass under a low compute dtype:
+                                          # float32 (mixed precision), or compute (the compute dtype throughout,
+                                          # as a model cast with .to(bfloat16) runs: faster, a little less exact)
     device: str = "auto"
     offload: str = "auto"                 # placement: auto, none (all on the device), weights (streamed), cpu,
                                           # disk (weights read from the checkpoint, blocks written as they finish)
@@ -84,6 +88,8 @@ class PruneConfig:
                             ("activation-dtype", self.activation_dtype)):
             if value not in DTYPES:
                 raise PrunekitError(f"--{flag} {value!r} is not one of {', '.join(DTYPES)}")
+        if self.residual_dtype not in RESIDUAL_DTYPES:
+            raise PrunekitError(f"--residual-dtype {self.residual_dtype!r} is not one of {', '.join(RESIDUAL_DTYPES)}")
         if self.offload not in OFFLOAD:
             raise PrunekitError(f"--offload {self.offload!r} is not one of {', '.join(OFFLOAD)}")
         from .execution.disk import parse_size

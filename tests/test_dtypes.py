@@ -101,3 +101,43 @@ def test_bf16_checkpoint_in_bf16_is_used_as_is(samples, monkeypatch):
         with Compute(torch.device("cpu"), torch.bfloat16).run(model.model.layers[0]) as block:
             assert all(p.dtype == torch.bfloat16 for p in block.parameters())  # LLaMA: RMS norms, no LayerNorm
     assert not casts
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+@pytest.mark.parametrize("ckpt", ["float32", "bfloat16"])
+def test_residual_in_compute_dtype(arch, ckpt, samples):
+    """--residual-dtype compute: each block's residual stream enters in bf16 and its output is bf16
+    (the stream never widens to float32 inside); the statistics stay float32; the block inputs rest in
+    bf16 by default; the masks stay close to those of the float32 residual stream."""
+    from prunekit.execution import Compute
+    config = PruneConfig(method="wanda", nsamples=8, seqlen=32, dtype="bfloat16", device="cpu",
+                         residual_dtype="compute")
+    assert Compute.from_config(config).residual == torch.bfloat16
+    assert Compute.from_config(config).storage == torch.bfloat16
+    assert not Compute.storage_is_planned(config, torch.device("cpu"))
+    model, wide = tiny_model(arch).to(DTYPES[ckpt]), tiny_model(arch).to(DTYPES[ckpt])
+    adapter = adapter_for(arch)
+    seen = []
+    for block in adapter.blocks(model):
+        block.register_forward_pre_hook(lambda m, args, kw: seen.append(("in", args[0].dtype)), with_kwargs=True)
+        block.register_forward_hook(lambda m, args, out: seen.append(
+            ("out", (out[0] if isinstance(out, (tuple, list)) else out).dtype)))
+    report = prune(model, config, samples)
+    prune(wide, PruneConfig(method="wanda", nsamples=8, seqlen=32, dtype="bfloat16", device="cpu"), samples)
+    assert report.sparsity == pytest.approx(0.5)
+    assert report.placement["storage_dtype"] == "bfloat16"
+    assert seen[0] == ("in", DTYPES[ckpt])  # the input capture: the embeddings' output, stored in bf16
+    assert set(seen[1:]) == {("in", torch.bfloat16), ("out", torch.bfloat16)}
+    masks, wide_masks = _masks(model, adapter), _masks(wide, adapter)
+    agree = min((masks[k] == wide_masks[k]).float().mean().item() for k in masks)
+    assert 0.9 < agree  # the same statistics up to bf16 rounding of the residual stream
+
+
+def test_residual_dtype_flag():
+    from prunekit.cli import _config, build_parser
+    from prunekit.errors import PrunekitError
+    args = build_parser().parse_args(["prune", "--model", "m", "--residual-dtype", "compute"])
+    assert _config(args).residual_dtype == "compute"
+    assert PruneConfig.from_dict(PruneConfig(residual_dtype="compute").to_dict()).residual_dtype == "compute"
+    with pytest.raises(PrunekitError, match="--residual-dtype 'bf16' is not one of float32, compute"):
+        PruneConfig(residual_dtype="bf16")

@@ -4,6 +4,7 @@ import torch
 
 from conftest import tiny_model
 from prunekit import PruneConfig, PrunekitError, prune
+from prunekit.adapters import adapter_for
 from prunekit.execution.placement import GiB, Sizes, device_need, plan_placement, plan_storage
 
 # LLaMA-2-7B in bf16 with 128 x 2048 calibration tokens
@@ -164,6 +165,22 @@ def test_cuda_bf16_run_keeps_activations_on_the_device(samples):
                    samples)
     assert report.placement["activations"] == "cuda" and report.placement["storage_dtype"] == "bfloat16"
     assert next(model.parameters()).device.type == "cpu"  # back where it came from
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+@pytest.mark.parametrize("offload", ["none", "weights", "cpu"])
+def test_cuda_residual_in_compute_dtype(samples, offload):
+    """--residual-dtype compute on a GPU under each plan: bf16 block inputs, masks close to those of
+    the float32 residual stream."""
+    from test_dtypes import _masks
+    adapter = adapter_for("llama")
+    low, wide = tiny_model("llama").to(torch.bfloat16), tiny_model("llama").to(torch.bfloat16)
+    report = prune(low, PruneConfig(method="wanda", nsamples=8, seqlen=32, device="cuda", offload=offload,
+                                    residual_dtype="compute"), samples)
+    prune(wide, PruneConfig(method="wanda", nsamples=8, seqlen=32, device="cuda", offload=offload), samples)
+    assert report.placement["storage_dtype"] == "bfloat16" and report.sparsity == pytest.approx(0.5)
+    a, b = _masks(low, adapter), _masks(wide, adapter)
+    assert min((a[k] == b[k]).float().mean().item() for k in a) > 0.9
 
 
 @pytest.fixture

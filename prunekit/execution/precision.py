@@ -6,6 +6,11 @@ dtype at rest). bfloat16/float16 compute is mixed precision, as torch.autocast m
 attention run in the low dtype while the residual stream inside a block, norms and every statistic
 stay float32. A bf16 checkpoint computed in bf16 is used as it is: nothing is cast.
 
+--residual-dtype compute keeps the residual stream in the compute dtype too (the norms still reduce in
+float32 inside, as the model's own code does; statistics stay float32): a block runs as a model cast
+with `.to(bfloat16)` runs, which is how the reference scripts run it. Fewer and narrower elementwise
+passes, at the price of rounding the residual stream after every addition.
+
 Between passes the block inputs/outputs (the residual stream) rest in float32 unless they would
 travel (to pinned host memory or a scratch file; see placement.plan_storage) or --activation-dtype
 says otherwise. Rounding the residual stream to bf16 at every block boundary compounds over the
@@ -63,6 +68,7 @@ class Compute:
     dtype: torch.dtype
     store: torch.dtype | None = None  # storage dtype of block inputs/outputs; None: the compute dtype
     compiled: bool = False            # block calls under torch.compile (--compile)
+    residual: torch.dtype = torch.float32  # the residual stream inside a pass (float32, or dtype: --residual-dtype)
 
     @classmethod
     def from_config(cls, config) -> "Compute":
@@ -70,22 +76,30 @@ class Compute:
         says otherwise; where `storage_is_planned`, the placement plan may lower them to the compute
         dtype (see plan_storage)."""
         device = resolve_device(config.device)
-        store = torch.float32 if config.activation_dtype == "auto" else DTYPES[config.activation_dtype]
-        return cls(device, resolve_dtype(config.dtype, device), store, compiled=config.compile)
+        dtype = resolve_dtype(config.dtype, device)
+        residual = cls.residual_of(config, dtype)
+        store = residual if config.activation_dtype == "auto" else DTYPES[config.activation_dtype]
+        return cls(device, dtype, store, compiled=config.compile, residual=residual)
+
+    @staticmethod
+    def residual_of(config, dtype: torch.dtype) -> torch.dtype:
+        """The residual stream's dtype inside a pass computed in `dtype`."""
+        return dtype if config.residual_dtype == "compute" else torch.float32
 
     @staticmethod
     def storage_is_planned(config, device: torch.device) -> bool:
         """--activation-dtype auto with every pass in a low dtype (statistics passes included): the
         placement plan chooses float32 or the compute dtype for the block inputs."""
         passes = {resolve_dtype(config.dtype, device), resolve_dtype(config.stats_dtype or config.dtype, device)}
-        return config.activation_dtype == "auto" and torch.float32 not in passes
+        return config.activation_dtype == "auto" and torch.float32 not in passes and config.residual_dtype == "float32"
 
     @classmethod
     def for_stats(cls, config) -> "Compute":
         """The dense statistics passes: --stats-dtype, else --dtype. Their precision decides the masks;
         the pruned passes that only carry inputs forward tolerate bf16 (see README, Benchmarks)."""
         device = resolve_device(config.device)
-        return cls(device, resolve_dtype(config.stats_dtype or config.dtype, device), compiled=config.compile)
+        dtype = resolve_dtype(config.stats_dtype or config.dtype, device)
+        return cls(device, dtype, compiled=config.compile, residual=cls.residual_of(config, dtype))
 
     @property
     def mixed(self) -> bool:
@@ -116,9 +130,9 @@ class Compute:
             wanted = [(p, self.dtype) for p in params
                       if p.dim() >= 2 and p.dtype != self.dtype and id(p) not in embeddings]
             # nn.LayerNorm on the CPU refuses a float32 input with low-precision parameters: give
-            # those (tiny, 1-D) parameters float32 copies, as the residual stream is float32
-            wanted += [(p, torch.float32) for m in module.modules() if isinstance(m, nn.LayerNorm)
-                       for p in m.parameters() if p.dtype != torch.float32 and id(p) not in skip]
+            # those (tiny, 1-D) parameters the residual stream's dtype
+            wanted += [(p, self.residual) for m in module.modules() if isinstance(m, nn.LayerNorm)
+                       for p in m.parameters() if p.dtype != self.residual and id(p) not in skip]
         else:
             wanted = [(p, torch.float32) for p in params if p.dtype != torch.float32]
         for p, dtype in wanted:
@@ -147,8 +161,9 @@ class Compute:
         return block(h, *args, **kwargs)
 
     def hidden(self, h: torch.Tensor) -> torch.Tensor:
-        """The residual stream enters a block as float32 (autocast lowers it where a matmul reads it)."""
-        return h.to(self.device, torch.float32, non_blocking=True)
+        """The residual stream enters a block as float32 (autocast lowers it where a matmul reads it),
+        or in the compute dtype under --residual-dtype compute."""
+        return h.to(self.device, self.residual if self.mixed else torch.float32, non_blocking=True)
 
     def tree(self, obj, memo: dict | None = None):
         """Move tensors in (nested) args to the device; floating ones (rotary tables, additive masks)
