@@ -16,6 +16,7 @@
 #                                     # with a warm cache, the compiled floor, ESD streams, N:M selection
 #                                     # (float32 vs bf16 block inputs: `storage`)
 #   bash bench/gpu_session.sh gram    # SparseGPT on 8 blocks and X^T X's GEMMs at 7B widths (~2 min)
+#   bash bench/gpu_session.sh defaults # after targets (~5 min): CUDA tests, the targets under the default settings
 #   bash bench/gpu_session.sh targets # the issue's targets in one call (~9 min): CUDA tests, the floor by residual
 #                                     # stream x batch size, then at the fastest batch: Wanda under each plan,
 #                                     # 2:4, STADE, AlphaPruning, SparseGPT (8 blocks), residual bf16 and float32
@@ -73,6 +74,18 @@ print(min((v, int(k.split()[1])) for k, v in g.items() if k.startswith('compute'
   # SparseGPT, 8 of the 32 blocks (X^T X by one bf16 GEMM to float32)
   step 60 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --layers 8 --batch-size $B --no-floor --runs sparsegpt \
     --residual-dtype compute float32 --out "$OUT/gpu_sparsegpt.json"
+  exit 0
+fi
+if [ "$part" = defaults ]; then
+  # after `targets`: the staging ring's copies, the ESD's threads and the plans' equality on the GPU; then the
+  # issue's targets under the defaults (8 sequences a forward, float32 residual stream), then --residual-dtype compute
+  step 45 $PY -m pytest -q -p no:cacheprovider tests/test_placement.py -k "cuda or every_plan"
+  step 150 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --runs wanda "wanda 2:4" stade "wanda alpha" \
+    --out "$OUT/gpu_defaults.json"
+  step 70 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor --runs wanda --offload weights cpu \
+    --out "$OUT/gpu_defaults_plans.json"
+  step 60 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor --runs wanda "wanda 2:4" --residual-dtype compute \
+    --out "$OUT/gpu_defaults_bf16res.json"
   exit 0
 fi
 if [ "$part" = next ]; then

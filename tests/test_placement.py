@@ -202,13 +202,16 @@ def fake_cuda_streamer(monkeypatch):
 
     calls = {"up": [], "down": []}
 
-    def up(self, host):
+    def up(self, host, stage):  # through the staging view, as on a GPU; the "device" copy a clone
         calls["up"].append((threading.current_thread().name, host.data_ptr()))
-        return host.clone()
+        stage.copy_(host)
+        return stage.clone()
 
-    def down(self, dev, host):
-        calls["down"].append((threading.current_thread().name, host.data_ptr()))
-        host.copy_(dev)
+    def down(self, pairs, stages):
+        for (dev, host), stage in zip(pairs, stages):
+            calls["down"].append((threading.current_thread().name, host.data_ptr()))
+            stage.copy_(dev)
+            host.copy_(stage)
 
     init = streaming.BlockStreamer.__init__
 
@@ -230,6 +233,7 @@ def fake_cuda_streamer(monkeypatch):
             patch.setattr(streaming.BlockStreamer, "__init__", active_init)
             patch.setattr(streaming.BlockStreamer, "_up", up)
             patch.setattr(streaming.BlockStreamer, "_down", down)
+            patch.setattr(streaming.BlockStreamer, "_pinned", staticmethod(lambda n: torch.empty(n, dtype=torch.uint8)))
             yield calls
     return active
 
@@ -318,3 +322,44 @@ def test_input_groups_and_the_statistics_work_estimate():
         work[method] = placement_sizes(model, adapter, config, compute, build_scorer(config), (4, 16)).work
     hidden, inter = model.config.hidden_size, model.config.intermediate_size
     assert work["sparsegpt"] - work["wanda"] == 4 * (3 * hidden ** 2 + inter ** 2) + 4 * max(hidden, inter) ** 2
+
+
+def test_pinned_ring_views_and_slots():
+    """The staging ring: one view per tensor (its shape and dtype, ALIGN-aligned, none overlapping),
+    the slots used in turn, a slot handed out again only after its last copy's event, and grown
+    when a larger block comes."""
+    from prunekit.execution.streaming import ALIGN, PinnedRing
+    made = []
+    ring = PinnedRing(lambda n: made.append(n) or torch.empty(n, dtype=torch.uint8))
+    tensors = [torch.randn(3, 5), torch.arange(7).to(torch.bfloat16), torch.arange(4)]
+    slot, views = ring.take(tensors)
+    assert [(v.shape, v.dtype) for v in views] == [(t.shape, t.dtype) for t in tensors]
+    assert {(v.data_ptr() - views[0].data_ptr()) % ALIGN for v in views} == {0}
+    for v, t in zip(views, tensors):
+        v.copy_(t)
+    assert all(torch.equal(v, t) for v, t in zip(views, tensors))
+
+    class Event:
+        synced = False
+
+        def synchronize(self):
+            self.synced = True
+    event = ring.events[slot] = Event()
+    other, _ = ring.take(tensors)
+    assert other != slot and not event.synced
+    again, _ = ring.take(tensors)
+    assert again == slot and event.synced and ring.events[slot] is None
+    assert made == [3 * ALIGN, 3 * ALIGN]  # one buffer per slot, reused
+    ring.take([torch.empty(1000)])
+    assert made[-1] == 8 * ALIGN  # 4000 bytes, rounded up: the slot grew
+
+
+def test_default_batch_follows_the_device(monkeypatch):
+    """Without --batch-size: 2048 calibration tokens a forward on the CPU, 16384 on a GPU."""
+    from prunekit import config as config_module
+    assert PruneConfig(seqlen=512, device="cpu").effective_batch_size == 4
+    assert PruneConfig(seqlen=4096, device="cpu").effective_batch_size == 1
+    assert PruneConfig(seqlen=2048, device="cpu", batch_size=3).effective_batch_size == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert PruneConfig(seqlen=2048, device="cuda").effective_batch_size == config_module.TOKENS_PER_BATCH["cuda"] // 2048
+    assert PruneConfig(seqlen=2048).effective_batch_size == 8  # auto: the GPU

@@ -141,6 +141,11 @@ def _solve_concurrently(solve, parts: list, streams: int, device: torch.device) 
             for part in parts[k::streams]:
                 solve(*part)
 
+    if device.type == "cuda":
+        # torch loads its CUDA linear algebra library on the first call, and that load is not
+        # thread-safe ("lazy wrapper should be called at most once" from the second thread, seen on
+        # an H100): load it here, on one thread, first
+        torch.linalg.eigvalsh(torch.eye(2, device=device))
     with ThreadPoolExecutor(streams, thread_name_prefix="prunekit-esd") as pool:
         for future in [pool.submit(run, k) for k in range(streams)]:
             future.result()

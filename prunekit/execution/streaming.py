@@ -9,12 +9,14 @@ tensors they came from, by the worker, while the next block computes; blocks onl
 copied back at all, and the model's other weights (embeddings, head) only visit the GPU for the
 input capture (`visiting`). On the CPU, or for a model already on the GPU, nothing moves.
 
-The host tensors stay what they were (pageable, usually): the worker's copies from pageable memory
-run at about a third of pinned speed (18 against 54 GB/s on an H100), a 7B block's 0.38 GiB in
-about 20 ms against the half second its passes take, and page-locking each block instead
-(`pin_memory`) costs more than that, on a thread that the GPU's queue would wait for. Copying the
-pruned weights back into the same tensors needs no new host memory: moving a whole 7B model back
-with `model.to("cpu")` allocates and page-faults 13 GB.
+The host tensors stay what they were (pageable, usually), and every copy goes through page-locked
+staging memory, two slots of one block each (`PinnedRing`): the worker copies a block into a slot
+on the CPU, then up to the GPU asynchronously; back, down into a slot, then into the host tensors.
+A copy straight from or to pageable memory is staged by the driver and, measured on an H100 with a
+7B model, did not overlap the kernels: the main thread waited 10 s of a 16.7 s Wanda prune for
+uploads queued long before (README, GPU). Page-locking the weights themselves (`pin_memory`) costs
+more than the copy. Copying the pruned weights back into the same tensors needs no new host memory:
+moving a whole 7B model back with `model.to("cpu")` allocates and page-faults 13 GB.
 """
 from __future__ import annotations
 
@@ -56,6 +58,38 @@ def visiting(module: nn.Module, device: torch.device | str, exclude: nn.Module |
             t.data = data
 
 
+ALIGN = 512  # bytes: every tensor's place in a staging slot starts at a multiple of this
+
+
+class PinnedRing:
+    """Page-locked staging memory: `slots` buffers, used in turn, each grown to the largest block it
+    has carried. A slot is handed out again only once the copy that last read it has finished (its
+    event); a caller that syncs itself leaves the event None."""
+
+    def __init__(self, pinned, slots: int = 2):
+        self.pinned = pinned  # nbytes -> a uint8 host buffer (page-locked on a GPU machine)
+        self.buffers: list[torch.Tensor | None] = [None] * slots
+        self.events: list = [None] * slots
+        self.next = 0
+
+    def take(self, tensors: list[torch.Tensor]) -> tuple[int, list[torch.Tensor]]:
+        """(slot, one view per tensor, of its shape and dtype), once that slot is free."""
+        k, self.next = self.next, (self.next + 1) % len(self.buffers)
+        if self.events[k] is not None:
+            self.events[k].synchronize()
+            self.events[k] = None
+        offsets, at = [], 0
+        for t in tensors:
+            offsets.append(at)
+            at += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+        if self.buffers[k] is None or self.buffers[k].numel() < at:
+            self.buffers[k] = None
+            self.buffers[k] = self.pinned(at)
+        buf = self.buffers[k]
+        views = [buf[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape) for o, t in zip(offsets, tensors)]
+        return k, views
+
+
 class BlockStreamer:
     """onload(i) before block i computes, offload(i) when block i is pruned (its weights go back to
     the host), release(i) for a block that was only read. `finish()` waits for the last copies: the
@@ -69,16 +103,31 @@ class BlockStreamer:
         self.resident = plan.name == "device"  # a block stays on the device until it is pruned
         self.side = torch.cuda.Stream(device) if self.active else None
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="prunekit-copies") if self.active else None
+        self.ring = PinnedRing(self._pinned)  # used by the worker alone
         self.pending: dict[int, Future] = {}              # uploads queued, not yet installed
         self.installed: dict[int, dict[int, torch.Tensor]] = {}  # block -> id(tensor) -> its host tensor
         self.copies_back: list[Future] = []
 
-    # the two copies, one place (a test on the CPU replaces them)
-    def _up(self, host: torch.Tensor) -> torch.Tensor:
-        return host.to(self.device, non_blocking=True)
+    # the copies and the staging memory, one place each (a test on the CPU replaces them)
+    @staticmethod
+    def _pinned(nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
-    def _down(self, dev: torch.Tensor, host: torch.Tensor) -> None:
-        host.copy_(dev, non_blocking=True)
+    def _up(self, host: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:
+        """On the worker, on the side stream: host -> its staging view (a CPU copy) -> the GPU (async)."""
+        stage.copy_(host)
+        return stage.to(self.device, non_blocking=True)
+
+    def _down(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], stages: list[torch.Tensor]) -> None:
+        """On the worker, on the side stream: each GPU tensor -> its staging view (async), wait for
+        those copies, then staging -> the host tensor (a CPU copy)."""
+        for (dev, _), stage in zip(pairs, stages):
+            stage.copy_(dev, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(self.side)
+        done.synchronize()
+        for (_, host), stage in zip(pairs, stages):
+            host.copy_(stage)
 
     def start(self, first: int = 0) -> None:
         """Queue the first block's upload; under plan `device` every block's from `first` on, to arrive
@@ -93,9 +142,12 @@ class BlockStreamer:
     def _copy_up(self, i: int) -> tuple[list, torch.cuda.Event]:
         """On the worker: queue block i's copies on the side stream and mark their end."""
         with torch.cuda.device(self.device), torch.cuda.stream(self.side):
-            copies = [(t, self._up(t.data)) for t in _tensors(self.blocks[i])]
+            tensors = list(_tensors(self.blocks[i]))
+            slot, stages = self.ring.take([t.data for t in tensors])
+            copies = [(t, self._up(t.data, stage)) for t, stage in zip(tensors, stages)]
             event = torch.cuda.Event()
             event.record(self.side)
+            self.ring.events[slot] = event  # the slot is free again once these copies are done
         return copies, event
 
     def onload(self, i: int) -> None:
@@ -140,12 +192,12 @@ class BlockStreamer:
         self.copies_back.append(self.worker.submit(self._copy_down, pairs, made))
 
     def _copy_down(self, pairs: list, made: torch.cuda.Event) -> None:
-        """On the worker: after the compute that made them, copy block weights into their host tensors
-        (from pageable memory the copy returns when it is done)."""
+        """On the worker: after the compute that made them, copy block weights into their host tensors,
+        through a staging slot."""
         with torch.cuda.device(self.device), torch.cuda.stream(self.side):
             self.side.wait_event(made)
-            for dev, host in pairs:
-                self._down(dev, host)
+            _, stages = self.ring.take([dev for dev, _ in pairs])
+            self._down(pairs, stages)  # synchronous: the slot is free after it
 
     def release(self, i: int) -> None:
         """A block only read (a dense allocation pass): under plan `device` it stays; otherwise the
