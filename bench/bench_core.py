@@ -67,7 +67,8 @@ def main():
         print(f"{dtype}: floor {floor:.1f} s, dense ppl {dense['ppl']:.3f}", flush=True)
     # the dtypes alternate run by run, so that a slow spell of a shared machine hits both alike
     runs = [(p, m, d) for p in args.patterns for m in args.methods for d in args.dtypes
-            if (p == "unstructured" or "--no-bias-update" not in m) and (d != "float32" or ("--stats-dtype" not in m and "--residual-dtype" not in m))]
+            if (p == "unstructured" or "--no-bias-update" not in m)
+            and (d != "float32" or not {"--stats-dtype", "--residual-dtype"} & set(m.split()))]
     for pattern, label, dtype in runs:
         net = copy.deepcopy(model)
         words = label.split()

@@ -2,7 +2,9 @@
 # Every GPU figure in the README comes from this script, run on one CUDA machine (torch and
 # transformers preinstalled; prunekit from this checkout). Results go to $OUT (default
 # bench/results/gpu). Each step has its own time limit, so one slow or failing step does not take
-# the others with it.
+# the others with it. On a device call, keep the log even when the call's time runs out (a plain
+# `grep` into a pipe buffers its output, and is killed with it):
+#   OUT=$OUT bash bench/gpu_session.sh PART 2>&1 | grep --line-buffered -v -i warn | tee $OUT/log
 #
 #   bash bench/gpu_session.sh smoke   # every code path on 7B shapes, cut to 1-2 blocks (~2 min)
 #   bash bench/gpu_session.sh prune   # the pruning benchmarks (~8.5 min on an H200)

@@ -13,8 +13,8 @@ OFFLOAD = ("auto", "none", "weights", "cpu", "disk")
 ESD_DTYPES = ("auto", "float32", "float64")
 RESIDUAL_DTYPES = ("float32", "compute")
 # calibration tokens per block forward when --batch-size is not given. On an H100 (7B shape, 128 x 2048)
-# the floor of a Wanda prune fell from 14.9 s at 1 sequence a forward to 13.9 s at 8 (16384 tokens),
-# and no further at 16; on the CPU larger batches gain nothing (README, GPU)
+# the floor of a Wanda prune fell from 15.10 s at 1 sequence a forward to 14.19 s at 4 and 8 (16384
+# tokens) and 13.93 s at 16, whose working memory is twice 8's; on the CPU larger batches gain nothing
 TOKENS_PER_BATCH = {"cpu": 2048, "cuda": 16384}
 
 
