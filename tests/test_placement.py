@@ -202,16 +202,15 @@ def fake_cuda_streamer(monkeypatch):
 
     calls = {"up": [], "down": []}
 
-    def up(self, host, stage):  # through the staging view, as on a GPU; the "device" copy a clone
+    real_up, real_down = streaming.BlockStreamer._up, streaming.BlockStreamer._down
+
+    def up(self, host, stage):  # the real copies through the staging view; the "device" copy a clone
         calls["up"].append((threading.current_thread().name, host.data_ptr()))
-        stage.copy_(host)
-        return stage.clone()
+        return real_up(self, host, stage)
 
     def down(self, pairs, stages):
-        for (dev, host), stage in zip(pairs, stages):
-            calls["down"].append((threading.current_thread().name, host.data_ptr()))
-            stage.copy_(dev)
-            host.copy_(stage)
+        calls["down"] += [(threading.current_thread().name, host.data_ptr()) for _, host in pairs]
+        real_down(self, pairs, stages)
 
     init = streaming.BlockStreamer.__init__
 
@@ -233,6 +232,7 @@ def fake_cuda_streamer(monkeypatch):
             patch.setattr(streaming.BlockStreamer, "__init__", active_init)
             patch.setattr(streaming.BlockStreamer, "_up", up)
             patch.setattr(streaming.BlockStreamer, "_down", down)
+            patch.setattr(streaming.BlockStreamer, "_to_device", lambda self, stage: stage.clone())
             patch.setattr(streaming.BlockStreamer, "_pinned", staticmethod(lambda n: torch.empty(n, dtype=torch.uint8)))
             yield calls
     return active

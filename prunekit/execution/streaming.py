@@ -116,6 +116,9 @@ class BlockStreamer:
     def _up(self, host: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:
         """On the worker, on the side stream: host -> its staging view (a CPU copy) -> the GPU (async)."""
         stage.copy_(host)
+        return self._to_device(stage)
+
+    def _to_device(self, stage: torch.Tensor) -> torch.Tensor:
         return stage.to(self.device, non_blocking=True)
 
     def _down(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], stages: list[torch.Tensor]) -> None:
