@@ -19,7 +19,8 @@
 #                                     # (float32 vs bf16 block inputs: `storage`)
 #   bash bench/gpu_session.sh gram    # SparseGPT on 8 blocks and X^T X's GEMMs at 7B widths (~2 min)
 #   bash bench/gpu_session.sh defaults # after targets (~5 min): CUDA tests, the targets under the default settings
-#   bash bench/gpu_session.sh remaining # what those two left unmeasured (~9 min): CUDA tests, AlphaPruning, plan
+#   bash bench/gpu_session.sh remaining # what those two left unmeasured (~9 min): CUDA tests, the fused RMSNorm's
+#                                     # floor, AlphaPruning, plan
 #                                     # offload at the defaults, ESD streams, --compile cold and warm
 #   bash bench/gpu_session.sh targets # the issue's targets in one call (~9 min): CUDA tests, the floor by residual
 #                                     # stream x batch size, then at the fastest batch: Wanda under each plan,
@@ -98,7 +99,9 @@ if [ "$part" = remaining ]; then
   # --offload cpu at the defaults; the ESD's 1, 2, 4 streams; --compile cold (its own process, an empty
   # inductor cache) and warm (a second process on the filled cache, beside eager Wanda)
   step 120 $PY -m pytest -q -p no:cacheprovider tests/test_placement.py tests/test_speed.py tests/test_stade.py \
-    tests/test_dtypes.py -k "cuda or every_plan or streamer"
+    tests/test_dtypes.py tests/test_norms.py -k "cuda or every_plan or streamer"
+  # the floor with the fused RMSNorm (the default) and with transformers' own forward
+  step 45 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --runs --floor-norms --out "$OUT/gpu_norms.json"
   step 90 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor --runs "wanda alpha" --out "$OUT/gpu_alpha.json"
   step 50 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor --runs wanda --offload cpu --out "$OUT/gpu_offload.json"
   step 60 $PY bench/bench_esd.py --random $SHAPE --layers $ESD_LAYERS --device $DEV --precisions float64 --streams 1 2 4 \

@@ -31,6 +31,38 @@ from . import compiled as compiled_passes  # the module; `compiled` below is the
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# transformers' RMSNorm classes whose forward is LlamaRMSNorm's, line for line (a test compares the
+# sources): x in float32, x * rsqrt(mean(x^2) + eps), back to x's dtype, times the weight. Inside the
+# passes their normalisation runs as one torch rms_norm (`fused_norms`): on a GPU one fused kernel in
+# place of four elementwise passes over the float32 residual stream and a reduction; on the CPU torch
+# computes it with the same operations, so the results are bit for bit the model's own (a test).
+LLAMA_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+FUSED_NORM_DEVICES = {"cpu", "cuda"}  # where fused_norms swaps them in (a benchmark may turn it off)
+
+
+def _llama_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """LlamaRMSNorm.forward with its normalisation as one torch.nn.functional.rms_norm."""
+    dtype = hidden_states.dtype
+    with torch.autocast(hidden_states.device.type, enabled=False):  # float32, whatever autocast's op lists say
+        normed = torch.nn.functional.rms_norm(hidden_states.to(torch.float32), hidden_states.shape[-1:],
+                                              eps=self.variance_epsilon)
+    return self.weight * normed.to(dtype)
+
+
+@contextlib.contextmanager
+def fused_norms(module: nn.Module, device: torch.device):
+    """Inside, every LLAMA_RMS_NORMS module of `module` runs _llama_rms_norm (where FUSED_NORM_DEVICES
+    says so); after, its own forward again, also after an error."""
+    swapped = [m for m in module.modules() if type(m).__name__ in LLAMA_RMS_NORMS
+               and type(m).__module__.startswith("transformers.")] if device.type in FUSED_NORM_DEVICES else []
+    try:
+        for m in swapped:
+            m.forward = _llama_rms_norm.__get__(m)
+        yield
+    finally:
+        for m in swapped:
+            m.__dict__.pop("forward", None)
+
 
 def resolve_device(name: str) -> torch.device:
     """auto: the GPU when there is one. Asking for cuda without one is a one-line error."""
@@ -145,7 +177,8 @@ class Compute:
                        if not isinstance(m, nn.Embedding) and id(getattr(m, "weight", None)) in matmul_weights]
         try:
             with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.mixed), \
-                    cpu_bf16_attention(self.device.type == "cpu" and self.dtype == torch.bfloat16):
+                    cpu_bf16_attention(self.device.type == "cpu" and self.dtype == torch.bfloat16), \
+                    fused_norms(module if not self.compiled else nn.Module(), self.device):
                 yield module
         finally:
             for h in handles:
