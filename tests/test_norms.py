@@ -25,8 +25,14 @@ def test_listed_classes_share_llamas_forward():
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual", ["float32", "compute"])
-def test_fused_norms_are_bit_exact_on_the_cpu(arch, dtype, residual, samples, monkeypatch):
-    model = tiny_model(arch)
+@pytest.mark.parametrize("ckpt", [torch.float32, torch.bfloat16])
+def test_fused_norms_are_bit_exact_on_the_cpu(arch, dtype, residual, ckpt, samples, monkeypatch):
+    """Every pairing of norm weight (checkpoint) dtype and input dtype (float32 or bf16 residual)."""
+    model = tiny_model(arch).to(ckpt)
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ in LLAMA_RMS_NORMS:
+                m.weight.uniform_(0.5, 2.0)  # not all ones: the weight's product matters
     norms = [m for m in model.modules() if type(m).__name__ in LLAMA_RMS_NORMS]
     assert len(norms) >= 5  # two per block and the final one (Qwen3: its q/k norms too)
     x = torch.randn(3, 32, model.config.hidden_size)

@@ -41,11 +41,14 @@ FUSED_NORM_DEVICES = {"cpu", "cuda"}  # where fused_norms swaps them in (a bench
 
 
 def _llama_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    """LlamaRMSNorm.forward with its normalisation as one torch.nn.functional.rms_norm."""
-    dtype = hidden_states.dtype
+    """LlamaRMSNorm.forward with its normalisation as one torch.nn.functional.rms_norm (and, for a
+    float32 input, the weight's product too)."""
+    dtype, shape = hidden_states.dtype, hidden_states.shape[-1:]
     with torch.autocast(hidden_states.device.type, enabled=False):  # float32, whatever autocast's op lists say
-        normed = torch.nn.functional.rms_norm(hidden_states.to(torch.float32), hidden_states.shape[-1:],
-                                              eps=self.variance_epsilon)
+        if dtype == torch.float32 and self.weight.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            # the weight's product is taken in float32 either way: inside the same kernel
+            return torch.nn.functional.rms_norm(hidden_states, shape, self.weight.float(), self.variance_epsilon)
+        normed = torch.nn.functional.rms_norm(hidden_states.to(torch.float32), shape, eps=self.variance_epsilon)
     return self.weight * normed.to(dtype)
 
 
