@@ -141,3 +141,13 @@ def test_residual_dtype_flag():
     assert PruneConfig.from_dict(PruneConfig(residual_dtype="compute").to_dict()).residual_dtype == "compute"
     with pytest.raises(PrunekitError, match="--residual-dtype 'bf16' is not one of float32, compute"):
         PruneConfig(residual_dtype="bf16")
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_residual_compute_end_to_end_with_evaluation(arch, checkpoints, corpus_file):
+    """prune + perplexity under --residual-dtype compute (OPT's LayerNorms take the bf16 stream inside
+    the blocks and a float32 one in the whole-model evaluation)."""
+    config = PruneConfig(method="wanda", nsamples=4, seqlen=32, dtype="bfloat16", device="cpu", residual_dtype="compute")
+    record, _ = prune_model(checkpoints[arch, "float32"], config, calib=corpus_file, eval=corpus_file,
+                            eval_seqlen=64, eval_windows_max=2, out=None, log=None)
+    assert torch.isfinite(torch.tensor(record["ppl"])) and record["sparsity"] == pytest.approx(0.5, abs=1e-6)

@@ -84,3 +84,14 @@ def test_fused_norms_on_cuda_match_to_float32_rounding(monkeypatch):
         with fused_norms(model, torch.device("cuda")):
             outputs[fused] = model.model.norm(x)
     torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-5, atol=1e-6)
+
+
+def test_a_forward_set_on_the_instance_is_left_alone():
+    """A norm whose forward someone else replaced on the instance (accelerate's hooks, hub kernels)
+    keeps that forward, inside and after."""
+    model = tiny_model("llama")
+    norm = model.model.norm
+    own = norm.forward = lambda x: x * 2
+    with fused_norms(model, torch.device("cpu")):
+        assert norm.forward is own and model.model.layers[0].input_layernorm.forward.__func__ is precision._llama_rms_norm
+    assert norm.forward is own and "forward" not in model.model.layers[0].input_layernorm.__dict__

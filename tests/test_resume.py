@@ -81,3 +81,20 @@ def test_leftover_checkpoint_needs_resume(four_blocks, corpus_file, tmp_path, ca
     (tmp_path / "out.checkpoint").mkdir()
     (tmp_path / "out.checkpoint" / "state.json").write_text("{}")
     expect_error(capsys, "holds an interrupted run: pass --resume", *_args(four_blocks, corpus_file, tmp_path / "out"))
+
+
+def test_resume_of_a_run_saved_before_an_option_existed(tmp_path):
+    """An interrupted run's state lacks an option added since (it ran with that option's default):
+    the same settings resume; a different value of the new option is refused in one line."""
+    import json
+
+    from prunekit import PruneConfig, PrunekitError
+    from prunekit.execution.resume import Checkpointer
+    config = PruneConfig(method="wanda", nsamples=8, seqlen=32)
+    Checkpointer(str(tmp_path), config)  # a fresh run: nothing to compare
+    saved = {k: v for k, v in Checkpointer(str(tmp_path), config).config.items() if k != "residual_dtype"}
+    (tmp_path / "state.json").write_text(json.dumps({"config": saved, "world_size": 1}))
+    assert Checkpointer(str(tmp_path), config, resume=True).state is not None
+    with pytest.raises(PrunekitError, match="made with residual_dtype='float32', this run has residual_dtype='compute'"):
+        Checkpointer(str(tmp_path), PruneConfig(method="wanda", nsamples=8, seqlen=32, residual_dtype="compute"),
+                     resume=True)

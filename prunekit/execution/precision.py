@@ -57,7 +57,9 @@ def fused_norms(module: nn.Module, device: torch.device):
     """Inside, every LLAMA_RMS_NORMS module of `module` runs _llama_rms_norm (where FUSED_NORM_DEVICES
     says so); after, its own forward again, also after an error."""
     swapped = [m for m in module.modules() if type(m).__name__ in LLAMA_RMS_NORMS
-               and type(m).__module__.startswith("transformers.")] if device.type in FUSED_NORM_DEVICES else []
+               and type(m).__module__.startswith("transformers.")
+               and "forward" not in m.__dict__] if device.type in FUSED_NORM_DEVICES else []  # not a forward set
+    # on the instance by someone else (accelerate's hooks, hub kernels): that one stays
     try:
         for m in swapped:
             m.forward = _llama_rms_norm.__get__(m)
@@ -165,9 +167,10 @@ class Compute:
             wanted = [(p, self.dtype) for p in params
                       if p.dim() >= 2 and p.dtype != self.dtype and id(p) not in embeddings]
             # nn.LayerNorm on the CPU refuses a float32 input with low-precision parameters: give
-            # those (tiny, 1-D) parameters the residual stream's dtype
-            wanted += [(p, self.residual) for m in module.modules() if isinstance(m, nn.LayerNorm)
-                       for p in m.parameters() if p.dtype != self.residual and id(p) not in skip]
+            # those (tiny, 1-D) parameters float32 copies (it takes a bf16/fp16 input with them too,
+            # as under --residual-dtype compute, and a whole-model evaluation's stream is float32)
+            wanted += [(p, torch.float32) for m in module.modules() if isinstance(m, nn.LayerNorm)
+                       for p in m.parameters() if p.dtype != torch.float32 and id(p) not in skip]
         else:
             wanted = [(p, torch.float32) for p in params if p.dtype != torch.float32]
         for p, dtype in wanted:

@@ -19,6 +19,7 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..config import PruneConfig
 from ..errors import PrunekitError
 from . import distributed
 
@@ -48,11 +49,13 @@ class Checkpointer:
             if ranks != self.world_size:
                 raise PrunekitError(f"cannot resume from {folder}: it was made by {ranks} process(es), this run has "
                                     f"{self.world_size}: resume with the same torchrun --nproc-per-node/--nnodes")
-            diff = sorted(k for k in set(self.config) | set(self.state["config"])
-                          if self.config.get(k) != self.state["config"].get(k))
+            # a key the interrupted run did not save (an option added since) had its default then
+            defaults = {k: v for k, v in PruneConfig().to_dict().items() if k not in _RUN_ONLY}
+            saved = {**defaults, **self.state["config"]}
+            diff = sorted(k for k in set(self.config) | set(saved) if self.config.get(k) != saved.get(k))
             if diff:
                 k = diff[0]
-                raise PrunekitError(f"cannot resume from {folder}: it was made with {k}={self.state['config'].get(k)!r}, "
+                raise PrunekitError(f"cannot resume from {folder}: it was made with {k}={saved.get(k)!r}, "
                                     f"this run has {k}={self.config.get(k)!r}: use the same settings, or drop --resume")
         elif not resume and os.path.exists(self._path("state.json")):
             raise PrunekitError(f"{folder} holds an interrupted run: pass --resume to continue it, or remove it")
