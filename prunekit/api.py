@@ -99,10 +99,10 @@ class Workspace:
         compute = Compute.from_config(config)
         samples = self.samples(calib, config)
         plan = plan_for(self.model, self.adapter, config, compute, build_scorer(config), tuple(samples.shape))
-        key = ("inputs", calib, config.nsamples, config.seqlen, config.seed, config.effective_batch_size,
+        key = ("inputs", calib, config.nsamples, config.seqlen, config.seed, plan.batch_size,
                str(compute.device), compute.dtype, compute.storage)
         return self._cached(key, lambda: capture_block_inputs(self.model, self.adapter, samples,
-                                                              config.effective_batch_size, compute, home=plan.activations))
+                                                              plan.batch_size, compute, home=plan.activations))
 
     def windows(self, corpus: str, seqlen: int, max_windows: int | None) -> torch.Tensor:
         return self._cached(("windows", corpus, seqlen, max_windows),

@@ -42,9 +42,10 @@ def test_forced_plans_and_their_errors():
 
 
 def test_nothing_fits_names_the_fix():
-    with pytest.raises(PrunekitError, match=r"nothing fits: .* GiB needed in GPU memory.*lower --nsamples or --seqlen"):
+    with pytest.raises(PrunekitError,
+                       match=r"nothing fits: .* GiB needed in GPU memory.*lower --batch-size, --nsamples or --seqlen"):
         plan_placement(sizes(device_free=1 * GiB))
-    with pytest.raises(PrunekitError, match=r"host RAM.*lower --nsamples"):
+    with pytest.raises(PrunekitError, match=r"host RAM.*lower --batch-size, --nsamples"):
         plan_placement(sizes(device_free=3 * GiB, activations=40 * GiB, host_free=20 * GiB))
     with pytest.raises(PrunekitError, match="host RAM"):  # the CPU: one memory
         plan_placement(sizes(device_free=None, activations=30 * GiB, host_free=24 * GiB))
@@ -363,3 +364,31 @@ def test_default_batch_follows_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert PruneConfig(seqlen=2048, device="cuda").effective_batch_size == config_module.TOKENS_PER_BATCH["cuda"] // 2048
     assert PruneConfig(seqlen=2048).effective_batch_size == 8  # auto: the GPU
+
+
+def test_the_default_batch_never_costs_a_slower_plan():
+    """plan_batch on given sizes (a 7B model's, a pass's working memory growing with the batch): the
+    largest batch whose plan is as fast as the smallest's, recorded in the plan; nothing fitting even at
+    the smallest raises that one's error."""
+    from prunekit.execution.placement import plan_batch
+
+    def plan_at(free):
+        return lambda b: plan_placement(sizes(device_free=free * GiB, work=int(1.5 * b * GiB),
+                                              batch_activations=b * GiB // 8))
+    batches = [8, 4, 2, 1]
+    assert (plan_batch(plan_at(78), batches).name, plan_batch(plan_at(78), batches).batch_size) == ("device", 8)
+    plan = plan_batch(plan_at(22), batches)  # device at 8 needs 27 GiB: 2 sequences a forward keep plan device
+    assert (plan.name, plan.batch_size) == ("device", 2)
+    plan = plan_batch(plan_at(7), batches)  # stream at 1 and 2 only
+    assert (plan.name, plan.batch_size) == ("stream", 2)
+    assert plan_batch(plan_at(78), [3]).batch_size == 3  # a batch asked for: that one
+    with pytest.raises(PrunekitError, match="nothing fits"):
+        plan_batch(plan_at(1), batches)
+
+
+def test_the_plan_records_its_batch(samples):
+    from prunekit.execution.loop import default_batches
+    report = prune(tiny_model("llama"), PruneConfig(method="wanda", nsamples=8, seqlen=32, device="cpu"), samples)
+    assert report.placement["batch_size"] == 8  # 2048 tokens a forward on the CPU, 8 sequences at most
+    assert default_batches(PruneConfig(nsamples=128, seqlen=256, device="cpu"), 128) == [8, 4, 2, 1]
+    assert default_batches(PruneConfig(seqlen=256, batch_size=3, device="cpu"), 128) == [3]

@@ -27,7 +27,7 @@ from ..scoring import Scorer, build_scorer
 from . import compiled, distributed
 from .disk import DiskBlocks
 from .passes import Activations, ErrorMeter, Scratch, capture_block_inputs, collect_stats, run_block
-from .placement import Plan, Sizes, plan_placement, plan_storage
+from .placement import Plan, Sizes, plan_batch, plan_placement, plan_storage
 from .precision import DTYPES, Compute, dtype_name
 from .streaming import BlockStreamer
 
@@ -243,9 +243,10 @@ def host_free_bytes() -> int:
 
 
 def placement_sizes(model: nn.Module, adapter: Adapter, config: PruneConfig, compute: Compute,
-                    scorer: Scorer, shape: tuple[int, int] | None, storage: torch.dtype | None = None) -> Sizes:
+                    scorer: Scorer, shape: tuple[int, int] | None, storage: torch.dtype | None = None,
+                    batch: int | None = None) -> Sizes:
     """The sizes the planner needs, from the model and the config alone (nothing runs); the
-    activations in `storage` (default: compute's)."""
+    activations in `storage` (default: compute's), `batch` sequences a forward (default: the config's)."""
     storage = storage or compute.storage
     blocks = adapter.blocks(model)
     in_blocks = {id(p) for p in blocks.parameters()}
@@ -255,7 +256,7 @@ def placement_sizes(model: nn.Module, adapter: Adapter, config: PruneConfig, com
     linears = adapter.block_linears(blocks[0])
     widest = max(max(adapter.weight(m).shape) for m in linears.values())
     nsamples, seqlen = shape if shape is not None else (0, 0)
-    batch = min(config.effective_batch_size, max(nsamples, 1))
+    batch = min(batch or config.effective_batch_size, max(nsamples, 1))
     itemsize = torch.finfo(storage).bits // 8
     acts, batch_acts = nsamples * seqlen * hidden * itemsize, batch * seqlen * hidden * itemsize
     tokens = batch * seqlen
@@ -276,18 +277,30 @@ def placement_sizes(model: nn.Module, adapter: Adapter, config: PruneConfig, com
                  activation_copies=copies, storage_dtype=dtype_name(storage))
 
 
-def plan_for(model, adapter, config, compute, scorer, shape, disk: bool = False,
-             storage: torch.dtype | None = None) -> Plan:
-    """The placement plan; `compute`'s storage dtype becomes the plan's. `storage`: fixed by block
-    inputs captured earlier (a sweep's cache); else compute's, or chosen by plan_storage."""
-    offload = "disk" if disk else ("auto" if config.offload == "disk" else config.offload)
+def default_batches(config: PruneConfig, nsamples: int) -> list[int]:
+    """The batch sizes the planner may use: the one asked for, or the default halved down to 1."""
+    first = min(config.effective_batch_size, max(nsamples, 1))
+    batches = [first]
+    while config.batch_size is None and not config.sparsegpt_reference and batches[-1] > 1:
+        batches.append(batches[-1] // 2)
+    return batches
 
-    def sizes(dtype):
-        return placement_sizes(model, adapter, config, compute, scorer, shape, dtype)
-    if storage is None and Compute.storage_is_planned(config, compute.device):
-        plan = plan_storage(sizes(torch.float32), sizes(compute.dtype), offload)
-    else:
-        plan = plan_placement(sizes(storage or compute.storage), offload)
+
+def plan_for(model, adapter, config, compute, scorer, shape, disk: bool = False,
+             storage: torch.dtype | None = None, batch: int | None = None) -> Plan:
+    """The placement plan, with the batch size it was made for; `compute`'s storage dtype becomes the
+    plan's. `storage`, `batch`: fixed by block inputs captured earlier (a sweep's cache); else
+    compute's storage or plan_storage's choice, and the largest default batch that loses no speed."""
+    offload = "disk" if disk else ("auto" if config.offload == "disk" else config.offload)
+    planned = storage is None and Compute.storage_is_planned(config, compute.device)
+
+    def plan_at(b: int) -> Plan:
+        def sizes(dtype):
+            return placement_sizes(model, adapter, config, compute, scorer, shape, dtype, batch=b)
+        if planned:
+            return plan_storage(sizes(torch.float32), sizes(compute.dtype), offload)
+        return plan_placement(sizes(storage or compute.storage), offload)
+    plan = plan_batch(plan_at, [batch] if batch else default_batches(config, shape[0] if shape else 0))
     compute.store = DTYPES[plan.storage_dtype]
     return plan
 
@@ -326,7 +339,8 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
     shape = tuple(inputs.hidden.shape[:2]) if inputs is not None else \
         (tuple(samples.shape) if samples is not None and run.needs_inputs else None)
     run.plan = plan_for(model, run.adapter, config, run.compute, run.scorer, shape, disk=disk is not None,
-                        storage=inputs.hidden.dtype if inputs is not None else None)
+                        storage=inputs.hidden.dtype if inputs is not None else None,
+                        batch=inputs.batch_size if inputs is not None else None)
     if log is not None:
         log(run.plan.line())
     run.report.placement = run.plan.to_dict()
@@ -382,7 +396,7 @@ class BlockLoop:
         if self.needs_inputs:
             with self.phases("capture"):
                 self.acts = inputs.clone() if inputs is not None else capture_block_inputs(
-                    model, adapter, samples, config.effective_batch_size, self.compute, home=self.plan.activations,
+                    model, adapter, samples, self.plan.batch_size, self.compute, home=self.plan.activations,
                     scratch=self.scratch)
         self.start = self.checkpoint.done if self.checkpoint is not None else 0
         if not self.start:

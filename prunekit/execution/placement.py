@@ -18,7 +18,8 @@ On the CPU the first three are the same place; the plan says "cpu" for both.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 
 from ..errors import PrunekitError
 
@@ -54,6 +55,7 @@ class Plan:
     activation_bytes: int
     device_bytes: int     # planned peak on the device (0 on the CPU)
     storage_dtype: str
+    batch_size: int = 0   # calibration sequences a forward, where plan_batch chose it (0: not planned)
 
     @property
     def streams_weights(self) -> bool:
@@ -112,6 +114,28 @@ def plan_placement(s: Sizes, offload: str = "auto", margin: float = 0.9) -> Plan
     raise PrunekitError(_no_fit(s, "host RAM", s.host_free, host_need(last, s), offload))
 
 
+def _speed_rank(plan: Plan) -> tuple[int, int]:
+    """Lower is faster: the plan, then (disk plans) where the activations live."""
+    return (PLANS.index(plan.name) if plan.name in PLANS else len(PLANS),
+            ("cuda", "cpu", "scratch").index(plan.activations))
+
+
+def plan_batch(plan_at: Callable[[int], Plan], batches: Sequence[int]) -> Plan:
+    """The plan of the first (largest) of `batches` that is as fast as the last (smallest) one's,
+    with that batch size recorded: a default batch never costs a slower plan, or a failure, that a
+    smaller one would avoid (a pass's working memory grows with the batch). `plan_at(batch)` plans
+    for one batch size; nothing fitting even at the smallest raises its error."""
+    smallest = plan_at(batches[-1])
+    for batch in batches[:-1]:
+        try:
+            plan = plan_at(batch)
+        except PrunekitError:
+            continue
+        if _speed_rank(plan) <= _speed_rank(smallest):
+            return replace(plan, batch_size=batch)
+    return replace(smallest, batch_size=batches[-1])
+
+
 def plan_storage(wide: Sizes, narrow: Sizes, offload: str = "auto", margin: float = 0.9) -> Plan:
     """--activation-dtype auto with a low compute dtype: the plan for float32 block inputs (`wide`)
     when it is the plan the compute dtype (`narrow`) gets and it keeps them in the compute's own
@@ -149,7 +173,7 @@ def needs_disk(checkpoint_bytes: int, host_free: int, margin: float = 0.9) -> bo
 
 
 def _no_fit(s: Sizes, where: str, free: int, need: int, offload: str = "auto") -> str:
-    hint = "lower --nsamples or --seqlen"
+    hint = "lower --batch-size, --nsamples or --seqlen"
     if offload not in ("auto", "cpu") and where == "GPU memory":
         hint = "use --offload auto (or cpu), or " + hint
     elif where == "host RAM" and offload != "disk":
