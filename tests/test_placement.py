@@ -392,3 +392,10 @@ def test_the_plan_records_its_batch(samples):
     assert report.placement["batch_size"] == 8  # 2048 tokens a forward on the CPU, 8 sequences at most
     assert default_batches(PruneConfig(nsamples=128, seqlen=256, device="cpu"), 128) == [8, 4, 2, 1]
     assert default_batches(PruneConfig(seqlen=256, batch_size=3, device="cpu"), 128) == [3]
+
+
+def test_host_need_counts_the_staging_slots():
+    from prunekit.execution.placement import host_need
+    s = sizes()  # a 0.38 GiB block: two 512 MiB pinned slots
+    assert host_need("device", s) == host_need("stream", s) == GiB
+    assert host_need("offload", s) == GiB + s.activations

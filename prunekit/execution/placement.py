@@ -87,8 +87,11 @@ def device_need(plan: str, s: Sizes) -> int:
 
 
 def host_need(plan: str, s: Sizes) -> int:
-    """Bytes the host must hold beyond what it already does: the activations, under `offload`."""
-    return s.activations * s.activation_copies if plan == "offload" else 0
+    """Bytes the host must hold beyond what it already does (with a GPU): the page-locked staging
+    slots of the weight copies (two blocks, each rounded up to a power of two by torch's pinned-memory
+    cache), and the activations under `offload`."""
+    staging = 2 * (1 << max(s.block - 1, 0).bit_length())
+    return staging + (s.activations * s.activation_copies if plan == "offload" else 0)
 
 
 def plan_placement(s: Sizes, offload: str = "auto", margin: float = 0.9) -> Plan:
