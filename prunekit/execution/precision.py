@@ -34,7 +34,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # transformers' RMSNorm classes whose forward is LlamaRMSNorm's, line for line (a test compares the
 # sources): x in float32, x * rsqrt(mean(x^2) + eps), back to x's dtype, times the weight. Inside the
 # passes their normalisation runs as one torch rms_norm (`fused_norms`): on a GPU one fused kernel in
-# place of four elementwise passes over the float32 residual stream and a reduction; on the CPU torch
+# place of three elementwise passes over the float32 residual stream and a reduction; on the CPU torch
 # computes it with the same operations, so the results are bit for bit the model's own (a test).
 LLAMA_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 FUSED_NORM_DEVICES = {"cpu", "cuda"}  # where fused_norms swaps them in (a benchmark may turn it off)
