@@ -53,13 +53,14 @@ def _llama_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def fused_norms(module: nn.Module, device: torch.device):
-    """Inside, every LLAMA_RMS_NORMS module of `module` runs _llama_rms_norm (where FUSED_NORM_DEVICES
-    says so); after, its own forward again, also after an error."""
-    swapped = [m for m in module.modules() if type(m).__name__ in LLAMA_RMS_NORMS
-               and type(m).__module__.startswith("transformers.")
-               and "forward" not in m.__dict__] if device.type in FUSED_NORM_DEVICES else []  # not a forward set
-    # on the instance by someone else (accelerate's hooks, hub kernels): that one stays
+def fused_norms(module: nn.Module, device: torch.device, enabled: bool = True):
+    """Inside, every LLAMA_RMS_NORMS module of `module` runs _llama_rms_norm (when `enabled`, where
+    FUSED_NORM_DEVICES says so); after, its own forward again, also after an error."""
+    swapped = []
+    if enabled and device.type in FUSED_NORM_DEVICES:
+        # not a forward someone else set on the instance (accelerate's hooks, hub kernels): that one stays
+        swapped = [m for m in module.modules() if type(m).__name__ in LLAMA_RMS_NORMS
+                   and type(m).__module__.startswith("transformers.") and "forward" not in m.__dict__]
     try:
         for m in swapped:
             m.forward = _llama_rms_norm.__get__(m)
@@ -184,7 +185,7 @@ class Compute:
         try:
             with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.mixed), \
                     cpu_bf16_attention(self.device.type == "cpu" and self.dtype == torch.bfloat16), \
-                    fused_norms(module if not self.compiled else nn.Module(), self.device):
+                    fused_norms(module, self.device, enabled=not self.compiled):  # compiled: inductor fuses
                 yield module
         finally:
             for h in handles:
