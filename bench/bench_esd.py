@@ -68,8 +68,8 @@ def svd_eigenvalues(weights, device) -> list[torch.Tensor]:
     return [(torch.linalg.svdvals(w.to(device, torch.float32)).double().flip(0) ** 2).cpu() for w in weights]
 
 
-def alphas(eigs: list[torch.Tensor]) -> torch.Tensor:
-    return torch.tensor([[alpha_peak(e), alpha_mid(e)] for e in eigs], dtype=torch.float64)
+def alphas(eigs: list[torch.Tensor], device="cpu") -> torch.Tensor:
+    return torch.tensor([[alpha_peak(e.to(device)), alpha_mid(e.to(device))] for e in eigs], dtype=torch.float64)
 
 
 def main():
@@ -84,6 +84,8 @@ def main():
     ap.add_argument("--precisions", nargs="+", default=["float64", "float32"])
     ap.add_argument("--streams", type=int, nargs="+", default=[1],
                     help="eigensolves in flight at once to time (1 = one after the other; CUDA streams on a GPU)")
+    ap.add_argument("--linalg", nargs="+", default=["default"],
+                    help="CUDA linear algebra libraries to time the ESD with (default, cusolver, magma), one stream")
     ap.add_argument("--svd32", action="store_true", help="also float32 svdvals (the reference's own path)")
     ap.add_argument("--skip-byte-key", action="store_true", help="do not time the old blake2b key")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "esd.json"))
@@ -107,12 +109,22 @@ def main():
         esd_eigenvalues_batched([torch.randn(64, 96)], precision, args.device)
 
     _, key_seconds = timed(weights_key, named)
+    cuda = str(args.device).startswith("cuda")
+    # where prunekit takes it on a GPU: the host weights copied up one at a time, fingerprinted there
+    key_device_seconds = timed(weights_key, named, "", args.device)[1] if cuda else None
     byte_seconds = None if args.skip_byte_key else timed(byte_key, named)[1]
-    print(f"cache key: fingerprint {key_seconds:.3f} s"
+    print(f"cache key: fingerprint {key_seconds:.3f} s where the weights are"
+          + ("" if key_device_seconds is None else f", {key_device_seconds:.3f} s on {args.device}")
           + ("" if byte_seconds is None else f", old blake2b of every byte {byte_seconds:.3f} s"), flush=True)
 
     ref_eigs, ref_seconds = timed(esd_eigenvalues_batched, weights, "float64", args.device)
-    ref = alphas(ref_eigs)
+    ref, fit_seconds = timed(alphas, ref_eigs)
+    fit_device_seconds = None
+    if cuda:
+        on_device, fit_device_seconds = timed(alphas, ref_eigs, args.device)
+        print(f"max |alpha on {args.device} - alpha on the host|: {(on_device - ref).abs().max().item():.2e}")
+    print(f"alpha_peak + alpha_mid fits: {fit_seconds:.3f} s on the host"
+          + ("" if fit_device_seconds is None else f", {fit_device_seconds:.3f} s on {args.device}"), flush=True)
     runs = {"float64": (ref_eigs, ref_seconds)}
     for precision in args.precisions:
         for streams in args.streams:
@@ -120,6 +132,16 @@ def main():
             if label not in runs:
                 runs[label] = timed(lambda *a: esd_eigenvalues_batched(*a, streams=streams), weights, precision,
                                     args.device)
+    for lib in args.linalg:
+        if lib != "default" and cuda:
+            previous = torch.backends.cuda.preferred_linalg_library()
+            torch.backends.cuda.preferred_linalg_library(lib)
+            try:
+                runs[f"float64, {lib}"] = timed(esd_eigenvalues_batched, weights, "float64", args.device)
+            except RuntimeError as exc:  # a build without that library
+                print(f"{lib}: {str(exc).splitlines()[0]}", flush=True)
+            finally:
+                torch.backends.cuda.preferred_linalg_library(previous)
     if args.svd32:
         runs["svdvals float32"] = timed(svd_eigenvalues, weights, args.device)
 
@@ -137,11 +159,12 @@ def main():
 
     table = markdown(rows, COLUMNS)
     print(table)
-    cuda = str(args.device).startswith("cuda")
     write_results(args.out, rows, {**meta(), "source": source, "device": args.device,
                                    "device_name": torch.cuda.get_device_name() if cuda else "cpu",
                                    "peak_device_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
                                    "matrices": len(weights), "weights": numel, "key_seconds": key_seconds,
+                                   "key_device_seconds": key_device_seconds, "fit_seconds": fit_seconds,
+                                   "fit_device_seconds": fit_device_seconds,
                                    "byte_key_seconds": byte_seconds, "table": table})
 
 

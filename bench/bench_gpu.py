@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -39,6 +40,8 @@ COLUMNS = [("run", "run", ""), ("offload", "offload", ""), ("plan", "plan", ""),
            ("prune_s", "prune s", ".2f"),
            ("floor_s", "floor s", ".2f"), ("vs_floor", "vs floor", ".2f"), ("masks_s", "masks s", ".2f"),
            ("weights_host_s", "weights moved s (host)", ".2f"), ("compile_s", "compile s", ".2f"),
+           ("alloc_s", "allocation s", ".2f"), ("esd_s", "ESD s", ".2f"), ("esd_key_s", "ESD key s", ".3f"),
+           ("alpha_fit_s", "alpha fits s", ".3f"),
            ("peak_device_gib", "peak GPU GiB", ".2f"), ("peak_rss_gib", "peak RSS GiB", ".2f")]
 
 
@@ -249,7 +252,8 @@ def main(argv=None):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            with PeakRSS() as rss:
+            with PeakRSS() as rss, tempfile.TemporaryDirectory() as cache:
+                os.environ["PRUNEKIT_CACHE_DIR"] = cache  # every AlphaPruning row computes its ESD
                 report = prune(model, config, ids, adapter, log=print)
             floor = floors.get(residual)
             row = {"run": label, "offload": offload, "plan": report.placement["name"], "compile": config.compile,
@@ -260,7 +264,10 @@ def main(argv=None):
                    "compile_s": report.phases.get(COMPILE_PHASE),
                    "weights_host_s": sum(v for k, v in report.phases.items() if k.startswith("weights")),
                    "placement": report.placement, "sparsity": report.sparsity,
+                   "alloc_s": report.phases.get("allocation"),
                    "esd_s": report.allocation_info.get("esd_seconds"),
+                   "esd_key_s": report.allocation_info.get("esd_key_seconds"),
+                   "alpha_fit_s": report.allocation_info.get("alpha_fit_seconds"),
                    "peak_device_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
                    "peak_rss_gib": rss.peak / 1024}
             rows.append(row)

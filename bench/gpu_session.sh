@@ -98,7 +98,8 @@ if [ "$part" = remaining ]; then
   # CUDA tests after the ESD's one-thread linalg load and the staging ring; AlphaPruning on the whole
   # model and Wanda under --offload cpu at the defaults; the floor with the fused RMSNorm (the default)
   # and with transformers' own forward; --compile cold (its own process, an empty inductor cache) and
-  # warm (a second process on the filled cache, beside eager Wanda); the ESD's 1, 2, 4 streams
+  # warm (a second process on the filled cache, beside eager Wanda); the ESD's 1, 2, 4 streams and
+  # MAGMA's eigensolver, the cache key and the alpha fits on the GPU against the host
   step 100 $PY -m pytest -q -p no:cacheprovider tests/test_placement.py tests/test_speed.py tests/test_stade.py \
     tests/test_dtypes.py tests/test_norms.py -k "cuda or every_plan or streamer"
   step 120 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor --runs "wanda alpha" --out "$OUT/gpu_alpha.json"
@@ -109,8 +110,8 @@ if [ "$part" = remaining ]; then
     --runs "wanda --compile" --out "$OUT/gpu_compile_cold.json"
   TORCHINDUCTOR_CACHE_DIR="$IND" step 100 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor \
     --runs "wanda --compile" wanda --out "$OUT/gpu_compile_warm.json"
-  step 50 $PY bench/bench_esd.py --random $SHAPE --layers $ESD_LAYERS --device $DEV --precisions float64 --streams 1 2 4 \
-    --skip-byte-key --out "$OUT/esd_streams.json"
+  step 55 $PY bench/bench_esd.py --random $SHAPE --layers $ESD_LAYERS --device $DEV --precisions float64 --streams 1 2 4 \
+    --linalg default magma --skip-byte-key --out "$OUT/esd_streams.json"
   exit 0
 fi
 if [ "$part" = next ]; then

@@ -155,6 +155,21 @@ def test_weights_key_sees_every_single_change(dtype, monkeypatch):
     assert weights_key([("a", named[0][1].reshape(40, 70)), named[1]]) != base  # same values, other shape
 
 
+def test_weight_fingerprint_is_its_formula(monkeypatch):
+    """[sum W, sum W^2, sum sigma W, sum f W] with f the row-major index and sigma_f = s(f mod n) s(f div n)
+    for blocks of n elements (whole rows), computed here directly; the last block is shorter."""
+    import prunekit.allocation.alpha as alpha_mod
+    monkeypatch.setitem(alpha_mod._FINGERPRINT_CHUNK, "cpu", 1000)
+    w = torch.randn(70, 40, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    n = (1000 // 40) * 40
+    x = w.double().flatten()
+    f = torch.arange(x.numel())
+    sigma = alpha_mod._signs(n, "cpu")[f % n] * alpha_mod._signs(x.numel() // n + 1, "cpu")[f // n]
+    expected = torch.stack([x.sum(), (x * x).sum(), (sigma * x).sum(), (f.double() * x).sum()])
+    torch.testing.assert_close(alpha_mod.weight_fingerprint(w), expected, rtol=1e-12, atol=1e-9)
+    assert weights_key([("w", w)], device="cpu") == weights_key([("w", w)])
+
+
 def test_weights_key_copies_only_the_fingerprints_to_the_host(monkeypatch):
     """The weights stay where they are: the only host-bound copy is the 4 float64 per matrix, once."""
     named = [(f"w{i}", torch.randn(64, 48)) for i in range(5)]

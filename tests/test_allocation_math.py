@@ -174,6 +174,33 @@ def test_alpha_peak_matches_reference_loop(seed, monkeypatch):
     assert alpha_peak(eigs, True) == pytest.approx(reference_alpha_peak(eigs, True), rel=1e-9)
 
 
+def test_fit_many_equals_one_fit_per_candidate_in_any_order(monkeypatch):
+    """The KS table leaves out the columns below a chunk's first tail: every (alpha, D) is hill_fit's,
+    bit for bit, for candidates in any order and any chunking."""
+    eigs = torch.sort(pareto(2.5, n=300, seed=3)).values
+    idx = torch.randperm(299, generator=torch.Generator().manual_seed(0))[:120]
+    one = [hill_fit(eigs, int(i)) for i in idx]
+    for chunk in (esd._CHUNK, 300 * 7, 300):  # one chunk, chunks of 7 candidates, one candidate each
+        monkeypatch.setattr(esd, "_CHUNK", chunk)
+        alpha, D = esd._fit_many(eigs, idx)
+        assert [(a, d) for a, d in zip(alpha.tolist(), D.tolist())] == one
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+def test_alpha_fits_on_cuda_match_the_cpu():
+    from prunekit.allocation.alpha import layer_alphas
+    g = torch.Generator().manual_seed(0)
+    eigs = {}
+    for k in range(6):
+        W = torch.randn(300, 200, generator=g, dtype=torch.float64)
+        W[:, :k + 2] *= 6
+        eigs[f"m{k}"] = esd_eigenvalues(W)
+    eigs["pareto"] = pareto(3.0, n=2000, seed=1)
+    for metric in ALPHA_METRICS:
+        cpu, gpu = layer_alphas(eigs, metric), layer_alphas(eigs, metric, device="cuda")
+        assert gpu == pytest.approx(cpu, rel=1e-9)
+
+
 def test_alpha_peak_quirk_changes_the_answer():
     # Student-t(6) weights, spectrum scaled so the peak is ~50: the quirk's bound log10(0.95 xmin2)
     # ~ 1.7 admits the rising bulk below the peak as xmin candidates, and here one of them has a

@@ -18,7 +18,7 @@ from . import Allocation, register_allocator
 from .esd import ALPHA_METRICS, esd_eigenvalues_batched, resolve_precision, working_bytes
 from .mapping import alpha_ratios, scale_to_target
 
-_FINGERPRINT_CHUNK = {"cpu": 1 << 16, "cuda": 1 << 22}  # float64 elements per block; a CPU block stays in L2
+_FINGERPRINT_CHUNK = {"cpu": 1 << 18, "cuda": 1 << 22}  # float64 elements per block (2 MiB on a CPU)
 
 
 def cache_dir() -> str:
@@ -32,19 +32,19 @@ def _signs(n: int, device) -> torch.Tensor:
     return 1.0 - 2.0 * (((k * 2654435761) & 0xFFFFFFFF) >> 31).to(torch.float64)
 
 
-def _sign(k: int) -> int:
-    return 1 - 2 * (((k * 2654435761) & 0xFFFFFFFF) >> 31)  # the same pattern at one index, on the host
-
-
 def weight_fingerprint(w: torch.Tensor) -> torch.Tensor:
     """Four float64 numbers summarising W, computed on W's device. With f = i * cols + j the row-major
     index of W_ij and sigma_f a fixed pseudo-random +-1 pattern:
 
         [ sum_f W_f,  sum_f W_f^2,  sum_f sigma_f W_f,  sum_f f W_f ]
 
-    W is read once, in blocks of whole rows copied into one float64 buffer (no allocation per block):
-    per block one (3 x n) @ n product against [1, sigma, local index] and one dot. sigma_f is
-    s(f mod n) s(f div n) for the block length n, so one probe serves every block.
+    W is read once, in blocks of whole rows copied into one float64 buffer (no allocation per block).
+    Per block three calls: the copy, one (3 x n) @ n product against [1, sigma, local index] and one dot,
+    written into a (blocks x 4) table that is combined once at the end. sigma_f is s(f mod n) s(f div n)
+    for the block length n, so one probe serves every block. Few calls per block matter: weights_key
+    runs one matrix per thread, and each call releases and retakes the GIL. With 15 calls per block of
+    64 Ki elements, the key of 2 blocks of a 7B model took 2.05 s on a 16-core GPU host
+    (bench/results/gpu/esd_cuda.json), 6 times this project's 2-core CPU (0.35 s).
     """
     w = w.detach().reshape(len(w), -1)
     rows, cols = w.shape
@@ -52,22 +52,33 @@ def weight_fingerprint(w: torch.Tensor) -> torch.Tensor:
     n = min(step, rows) * cols
     probe = torch.stack([torch.ones(n, dtype=torch.float64, device=w.device), _signs(n, w.device),
                          torch.arange(n, dtype=torch.float64, device=w.device)])
-    buf = torch.empty(n, dtype=torch.float64, device=w.device)
-    acc = torch.zeros(4, dtype=torch.float64, device=w.device)
-    for block, r in enumerate(range(0, rows, step)):
-        x = w[r:r + step]
-        flat = buf[:x.numel()]
-        flat.view(x.shape).copy_(x)
-        p = probe[:, :flat.numel()] @ flat
-        acc += torch.stack([p[0], flat @ flat, _sign(block) * p[1], r * cols * p[0] + p[2]])
-    return acc
+    buf = torch.empty(min(step, rows), cols, dtype=torch.float64, device=w.device)
+    flat = buf.view(-1)
+    blocks = w.split(step)
+    table = torch.empty(len(blocks), 4, dtype=torch.float64, device=w.device)
+    products, squares = table[:, :3].unbind(0), table[:, 3].unbind(0)
+    for x, p, q in zip(blocks, products, squares):
+        if len(x) < len(buf):  # the last block, shorter
+            part = buf[:len(x)].copy_(x).view(-1)
+            torch.mv(probe[:, :part.numel()], part, out=p)
+            torch.dot(part, part, out=q)
+        else:
+            buf.copy_(x)
+            torch.mv(probe, flat, out=p)
+            torch.dot(flat, flat, out=q)
+    # block b starts at f = b * n: sum_f f W_f = sum_b (b n p0_b + p2_b); sigma = s(local) s(b)
+    first = torch.arange(len(blocks), dtype=torch.float64, device=w.device) * n
+    return torch.stack([table[:, 0].sum(), table[:, 3].sum(), (_signs(len(blocks), w.device) * table[:, 1]).sum(),
+                        (first * table[:, 0] + table[:, 2]).sum()])
 
 
-def weights_key(named_weights: list[tuple[str, torch.Tensor]], extra: str = "") -> str:
+def weights_key(named_weights: list[tuple[str, torch.Tensor]], extra: str = "", device=None) -> str:
     """Cache key of a list of named weights: blake2b of `extra` and every name, shape, dtype and fingerprint.
 
-    The fingerprints are computed where the weights live and reach the host in one copy of 4 float64
-    per matrix: the key costs one read of the weights, no host copy and no byte hashing.
+    The fingerprints are computed where the weights live, or on `device` when that is an accelerator
+    (host weights are then copied up one at a time, as the ESD copies them: a 7B model's 13 GB take
+    about 0.7 s at the 18 GB/s the issue measured for pageable copies on an H100), and reach the host
+    in one copy of 4 float64 per matrix: the key costs one read of the weights and no byte hashing.
     Why collisions are not a practical concern: a changed model keeps the key only if, in every matrix,
     the sum, the sum of squares, a +-1-weighted sum and an index-weighted sum all come out bit-identical
     in float64. Changing one element from w to w + d moves the sum by d and the sum of squares by
@@ -83,16 +94,20 @@ def weights_key(named_weights: list[tuple[str, torch.Tensor]], extra: str = "") 
     h.update(extra.encode())
     if not named_weights:
         return h.hexdigest()
-    # matrices in parallel, each on one thread: a block's ops are too small to split, and on a busy
-    # machine each split op can wait for a descheduled worker (2-core box: 2 s instead of 10 ms for
-    # 1 M weights). It also makes every sum's order, so the key, independent of the thread count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(threads) as pool:
-            prints = list(pool.map(weight_fingerprint, [w for _, w in named_weights]))
-    finally:
-        torch.set_num_threads(threads)
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type != "cpu":  # on the accelerator, from this thread: its kernels are async
+        prints = [weight_fingerprint(w.to(device)) for _, w in named_weights]
+    else:
+        # matrices in parallel, each on one thread: a block's ops are too small to split, and on a busy
+        # machine each split op can wait for a descheduled worker (2-core box: 2 s instead of 10 ms for
+        # 1 M weights). It also makes every sum's order, so the key, independent of the thread count.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(threads) as pool:
+                prints = list(pool.map(weight_fingerprint, [w for _, w in named_weights]))
+        finally:
+            torch.set_num_threads(threads)
     values = torch.stack([p.to(prints[0].device) for p in prints]).cpu()  # the one host sync
     for (name, w), v in zip(named_weights, values):
         h.update(f"{name}:{tuple(w.shape)}:{w.dtype}:".encode())
@@ -134,7 +149,7 @@ def model_spectra(model, adapter, device: torch.device | str = "cpu", use_cache:
     precision = esd_precision(precision, "alpha_peak")  # validated before any work; "auto" -> float64
     weights = None if lazy_weights is not None else block_weights(model, adapter)
     start = time.perf_counter()
-    key = f"{lazy_key}-{precision}" if lazy_weights is not None else weights_key(weights, f"esd:{precision}")
+    key = f"{lazy_key}-{precision}" if lazy_weights is not None else weights_key(weights, f"esd:{precision}", device)
     path = os.path.join(cache_dir(), "esd", f"{key}.pt") if use_cache else None
     key_seconds = time.perf_counter() - start
     if path and os.path.exists(path):
@@ -164,12 +179,16 @@ def esd_precision(esd_dtype: str, metric: str) -> str:
         raise PrunekitError(str(exc)) from None
 
 
-def layer_alphas(eigs: dict, metric: str = "alpha_peak", reference_quirk: bool = False) -> dict[str, float]:
+def layer_alphas(eigs: dict, metric: str = "alpha_peak", reference_quirk: bool = False,
+                 device: torch.device | str | None = None) -> dict[str, float]:
+    """{name: alpha} of every spectrum, fitted in float64 on `device` (default: where the spectra are).
+    On a GPU the fits take milliseconds where the host's take tens (alpha_peak's KS search is a
+    candidates x eigenvalues table per matrix); the same float64 operations either way."""
     if metric not in ALPHA_METRICS:
         raise PrunekitError(f"unknown alpha metric {metric!r}: choose one of {', '.join(ALPHA_METRICS)}")
     fn = ALPHA_METRICS[metric]
     kwargs = {"reference_quirk": reference_quirk} if metric == "alpha_peak" else {}
-    return {name: fn(e, **kwargs) for name, e in eigs.items()}
+    return {name: fn(e if device is None else e.to(device), **kwargs) for name, e in eigs.items()}
 
 
 def alpha_allocation(alphas: dict[str, float], adapter, params: list[dict[str, int]], target: float,
@@ -211,9 +230,12 @@ def alpha(ctx) -> Allocation:
     spectra = model_spectra(ctx.model, ctx.adapter, ctx.compute.device,
                             precision=esd_precision(getattr(config, "esd_dtype", "auto"), config.alpha_metric),
                             lazy_weights=lazy[0] if lazy else None, lazy_key=lazy[1] if lazy else None)
-    alphas = layer_alphas(spectra["eigs"], config.alpha_metric, config.alpha_reference_quirk)
+    start = time.perf_counter()
+    alphas = layer_alphas(spectra["eigs"], config.alpha_metric, config.alpha_reference_quirk, ctx.compute.device)
+    fit_seconds = time.perf_counter() - start
     result = alpha_allocation(alphas, ctx.adapter, ctx.parameter_counts(), config.sparsity, config.epsilon,
                               config.alpha_mapping, config.max_layer_sparsity)
     result.info = {"esd_seconds": spectra["seconds"], "esd_key_seconds": spectra["key_seconds"],
+                   "alpha_fit_seconds": fit_seconds,
                    "esd_cached": spectra["cached"], "alphas": alphas}
     return result
