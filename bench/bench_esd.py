@@ -88,6 +88,9 @@ def main():
                     help="CUDA linear algebra libraries to time the ESD with (default, cusolver, magma), one stream")
     ap.add_argument("--svd32", action="store_true", help="also float32 svdvals (the reference's own path)")
     ap.add_argument("--skip-byte-key", action="store_true", help="do not time the old blake2b key")
+    ap.add_argument("--key-threads", type=int, nargs="+", default=[],
+                    help="also time the cache key with each of these thread counts (a many-core host's threads)")
+    ap.add_argument("--key-only", action="store_true", help="time the cache key(s), skip the ESD")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "esd.json"))
     args = ap.parse_args()
 
@@ -116,6 +119,20 @@ def main():
     print(f"cache key: fingerprint {key_seconds:.3f} s where the weights are"
           + ("" if key_device_seconds is None else f", {key_device_seconds:.3f} s on {args.device}")
           + ("" if byte_seconds is None else f", old blake2b of every byte {byte_seconds:.3f} s"), flush=True)
+
+    key_by_threads = {}
+    threads = torch.get_num_threads()
+    for t in args.key_threads:
+        torch.set_num_threads(t)
+        try:
+            key_by_threads[t] = min(timed(weights_key, named)[1] for _ in range(3))
+        finally:
+            torch.set_num_threads(threads)
+        print(f"cache key with {t} threads: {key_by_threads[t]:.3f} s (best of 3)", flush=True)
+    if args.key_only:
+        write_results(args.out, [], {**meta(), "source": source, "matrices": len(weights), "weights": numel,
+                                     "key_seconds": key_seconds, "key_seconds_by_threads": key_by_threads})
+        return
 
     ref_eigs, ref_seconds = timed(esd_eigenvalues_batched, weights, "float64", args.device)
     ref, fit_seconds = timed(alphas, ref_eigs)
@@ -163,6 +180,7 @@ def main():
                                    "device_name": torch.cuda.get_device_name() if cuda else "cpu",
                                    "peak_device_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
                                    "matrices": len(weights), "weights": numel, "key_seconds": key_seconds,
+                                   "key_seconds_by_threads": key_by_threads,
                                    "key_device_seconds": key_device_seconds, "fit_seconds": fit_seconds,
                                    "fit_device_seconds": fit_device_seconds,
                                    "byte_key_seconds": byte_seconds, "table": table})

@@ -183,8 +183,9 @@ def main(argv=None):
                     help="the residual stream inside a block to time (float32, compute); the floor is measured for each")
     ap.add_argument("--floor-batches", nargs="+", type=int, default=[],
                     help="also the floor at each of these batch sizes (sequences per forward), for each --residual-dtype")
-    ap.add_argument("--floor-norms", action="store_true",
-                    help="also the floor with transformers' own RMSNorm forward (precision.FUSED_NORM_DEVICES off)")
+    ap.add_argument("--floor-own-forwards", "--floor-norms", dest="floor_own", action="store_true",
+                    help="also the floor with transformers' own RMSNorm forward and rotary embedding "
+                         "(precision.FUSED_NORM_DEVICES and LEAN_ROPE_DEVICES off)")
     ap.add_argument("--compile-trial", action="store_true", help="time torch.compile on a block pass")
     ap.add_argument("--compile-floor", action="store_true",
                     help="also the floor with the block passes under torch.compile (after one compiling round)")
@@ -207,15 +208,16 @@ def main(argv=None):
         print(f"{args.shape} x {len(adapter.blocks(model))} blocks: floor {floors[residual]:.2f} s "
               f"(residual {residual})", flush=True)
     info["floors_s"] = floors
-    if args.floor_norms:
+    if args.floor_own:
         from prunekit.execution import precision
-        fused, precision.FUSED_NORM_DEVICES = precision.FUSED_NORM_DEVICES, set()
+        saved = precision.FUSED_NORM_DEVICES, precision.LEAN_ROPE_DEVICES
+        precision.FUSED_NORM_DEVICES, precision.LEAN_ROPE_DEVICES = set(), set()
         try:
-            info["floor_unfused_norms_s"] = {r: floor_seconds(model, adapter, ids, PruneConfig(**base, residual_dtype=r))
-                                             for r in args.residual_dtype}
+            info["floor_own_forwards_s"] = {r: floor_seconds(model, adapter, ids, PruneConfig(**base, residual_dtype=r))
+                                            for r in args.residual_dtype}
         finally:
-            precision.FUSED_NORM_DEVICES = fused
-        print(f"floor with transformers' RMSNorm forward: {info['floor_unfused_norms_s']}", flush=True)
+            precision.FUSED_NORM_DEVICES, precision.LEAN_ROPE_DEVICES = saved
+        print(f"floor with transformers' own RMSNorm and rotary embedding: {info['floor_own_forwards_s']}", flush=True)
         write_results(args.out, [], info)
     if args.floor_batches:
         info["floor_grid_s"] = {}

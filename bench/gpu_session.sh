@@ -96,15 +96,16 @@ fi
 if [ "$part" = remaining ]; then
   # what `targets` and `defaults` left unmeasured, in one call (~9.5 min), the issue's targets first: the
   # CUDA tests after the ESD's one-thread linalg load and the staging ring; AlphaPruning on the whole
-  # model and Wanda under --offload cpu at the defaults; the floor with the fused RMSNorm (the default)
-  # and with transformers' own forward; --compile cold (its own process, an empty inductor cache) and
-  # warm (a second process on the filled cache, beside eager Wanda); the ESD's 1, 2, 4 streams and
+  # model and Wanda under --offload cpu at the defaults; the floor with the fused RMSNorm and the lean
+  # rotary embedding (the default) and with transformers' own forwards; --compile cold (its own
+  # process, an empty inductor cache) and warm (a second process on the filled cache, beside eager
+  # Wanda); the ESD's 1, 2, 4 streams and
   # MAGMA's eigensolver, the cache key and the alpha fits on the GPU against the host
   step 100 $PY -m pytest -q -p no:cacheprovider tests/test_placement.py tests/test_speed.py tests/test_stade.py \
-    tests/test_dtypes.py tests/test_norms.py -k "cuda or every_plan or streamer"
+    tests/test_dtypes.py tests/test_norms.py tests/test_allocation_math.py -k "cuda or every_plan or streamer"
   step 120 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor --runs "wanda alpha" --out "$OUT/gpu_alpha.json"
   step 50 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor --runs wanda --offload cpu --out "$OUT/gpu_offload.json"
-  step 45 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --runs --floor-norms --out "$OUT/gpu_norms.json"
+  step 45 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --runs --floor-own-forwards --out "$OUT/gpu_own_forwards.json"
   rm -rf "$IND"
   TORCHINDUCTOR_CACHE_DIR="$IND" step 100 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor \
     --runs "wanda --compile" --out "$OUT/gpu_compile_cold.json"

@@ -1,5 +1,6 @@
-"""The fused RMSNorm of the passes (precision.fused_norms): the same formula as transformers' own
-classes, bit for bit their outputs on the CPU, and the model's own forward back afterwards."""
+"""The eager rewrites inside the passes, the fused RMSNorm (precision.fused_norms) and the lean rotary
+embedding (precision.lean_rope): the same formulas as transformers' own, bit for bit their outputs
+on the CPU, and the model's own code back afterwards."""
 import importlib
 import inspect
 
@@ -95,3 +96,106 @@ def test_a_forward_set_on_the_instance_is_left_alone():
     with fused_norms(model, torch.device("cpu")):
         assert norm.forward is own and model.model.layers[0].input_layernorm.forward.__func__ is precision._llama_rms_norm
     assert norm.forward is own and "forward" not in model.model.layers[0].input_layernorm.__dict__
+
+
+# --- the lean rotary embedding (precision.lean_rope) -------------------------------------------------
+
+def _rope_inputs(dtype, heads=4, kv_heads=2, layout="bshd", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, s, d = 2, 16, 8
+    q = torch.randn(b, s, heads, d, generator=g).to(dtype).transpose(1, 2)  # as the attention makes them
+    k = torch.randn(b, s, kv_heads, d, generator=g).to(dtype).transpose(1, 2)
+    if layout == "contiguous":
+        q, k = q.contiguous(), k.contiguous()
+    angles = torch.rand(b, s, d // 2, generator=g) * 100
+    emb = torch.cat([angles, angles], dim=-1)
+    return q, k, emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def test_listed_ropes_are_llamas():
+    """A transformers release that changes one of these functions fails here (and is left alone at run time)."""
+    from transformers.models.llama import modeling_llama
+    reference = inspect.getsource(modeling_llama.apply_rotary_pos_emb)
+    for name in precision.LLAMA_ROPE_MODULES:
+        module = importlib.import_module(name)
+        assert precision._is_llamas_rope(module), name
+        assert inspect.getsource(module.apply_rotary_pos_emb) == reference, name
+
+
+@pytest.mark.parametrize("layout", ["bshd", "contiguous"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lean_rope_is_bit_exact(dtype, layout):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    q, k, cos, sin = _rope_inputs(dtype, layout=layout)
+    for got, want in zip(precision._llama_rope(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)):
+        assert torch.equal(got, want) and got.dtype == want.dtype and got.stride() == want.stride()
+    # unsqueeze_dim=2: q and k as (batch, seq, heads, dim)
+    q2, k2 = q.transpose(1, 2), k.transpose(1, 2)
+    for got, want in zip(precision._llama_rope(q2, k2, cos, sin, 2), apply_rotary_pos_emb(q2, k2, cos, sin, 2)):
+        assert torch.equal(got, want)
+    # the rotary table in float32 against a low-precision q (type promotion as there)
+    for got, want in zip(precision._llama_rope(q, k, cos.float(), sin.float()),
+                         apply_rotary_pos_emb(q, k, cos.float(), sin.float())):
+        assert torch.equal(got, want) and got.dtype == want.dtype
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_pass_uses_lean_rope_bit_for_bit(arch, dtype, monkeypatch):
+    model = tiny_model(arch)
+    module = importlib.import_module(type(model).__module__)
+    own = module.apply_rotary_pos_emb
+    x = torch.randn(3, 32, model.config.hidden_size)
+    rope = model.model.rotary_emb(x, torch.arange(32)[None])
+    outputs = {}
+    for lean in (False, True):
+        monkeypatch.setattr(precision, "LEAN_ROPE_DEVICES", {"cpu"} if lean else set())
+        calls = []
+        with Compute(torch.device("cpu"), dtype).run(model.model.layers[0]) as block:
+            used = module.apply_rotary_pos_emb
+            monkeypatch.setattr(module, "apply_rotary_pos_emb", lambda *a, **k: calls.append(1) or used(*a, **k))
+            out = block(x, position_embeddings=rope)
+            monkeypatch.setattr(module, "apply_rotary_pos_emb", used)
+        assert (used is precision._llama_rope) == lean and calls == [1]
+        assert module.apply_rotary_pos_emb is own  # transformers' own function again
+        outputs[lean] = out[0] if isinstance(out, tuple) else out
+    assert torch.equal(outputs[True], outputs[False])
+
+
+def test_lean_rope_leaves_another_function_alone_and_restores_after_an_error(monkeypatch):
+    from transformers.models.llama import modeling_llama
+    own = modeling_llama.apply_rotary_pos_emb
+    with pytest.raises(RuntimeError, match="inside"):
+        with precision.lean_rope(torch.device("cpu")):
+            assert modeling_llama.apply_rotary_pos_emb is precision._llama_rope
+            with precision.lean_rope(torch.device("cpu")):  # nested: nothing more to swap, nothing undone
+                pass
+            assert modeling_llama.apply_rotary_pos_emb is precision._llama_rope
+            raise RuntimeError("inside")
+    assert modeling_llama.apply_rotary_pos_emb is own
+
+    def other(q, k, cos, sin, unsqueeze_dim=1):  # someone's own rotary embedding (e.g. a hub kernel)
+        return q, k
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", other)
+    with precision.lean_rope(torch.device("cpu")):
+        assert modeling_llama.apply_rotary_pos_emb is other
+    with precision.lean_rope(torch.device("cpu"), enabled=False):
+        assert modeling_llama.apply_rotary_pos_emb is other
+
+
+def test_prune_identical_with_and_without_lean_rope(samples, monkeypatch):
+    models = {}
+    for lean in (False, True):
+        monkeypatch.setattr(precision, "LEAN_ROPE_DEVICES", {"cpu"} if lean else set())
+        models[lean] = tiny_model("llama")
+        prune(models[lean], PruneConfig(method="wanda", nsamples=8, seqlen=32, device="cpu", dtype="bfloat16"), samples)
+    assert all(torch.equal(a, b) for a, b in zip(models[True].state_dict().values(), models[False].state_dict().values()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_rope_on_cuda_is_bit_exact(dtype):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    q, k, cos, sin = (t.cuda() for t in _rope_inputs(dtype))
+    for got, want in zip(precision._llama_rope(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)):
+        assert torch.equal(got, want) and got.stride() == want.stride()

@@ -70,6 +70,77 @@ def fused_norms(module: nn.Module, device: torch.device, enabled: bool = True):
             m.__dict__.pop("forward", None)
 
 
+# transformers modules whose apply_rotary_pos_emb is Llama's (a test compares the sources; a release
+# that changes one is also caught at run time, by _is_llamas_rope): inside the passes it runs as
+# _llama_rope, the same roundings in fewer passes over q and k (`lean_rope`).
+LLAMA_ROPE_MODULES = tuple(f"transformers.models.{f}.modeling_{f}" for f in ("llama", "mistral", "qwen2", "qwen3"))
+LEAN_ROPE_DEVICES = {"cpu", "cuda"}  # where lean_rope swaps it in (a benchmark may turn it off)
+_LLAMA_ROPE_LINES = ("cos = cos.unsqueeze(unsqueeze_dim)", "sin = sin.unsqueeze(unsqueeze_dim)",
+                     "q_embed = (q * cos) + (rotate_half(q) * sin)", "k_embed = (k * cos) + (rotate_half(k) * sin)",
+                     "return q_embed, k_embed")
+_ROTATE_HALF_LINES = ("x1 = x[..., : x.shape[-1] // 2]", "x2 = x[..., x.shape[-1] // 2 :]",
+                      "return torch.cat((-x2, x1), dim=-1)")
+
+
+def _llama_rope(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' apply_rotary_pos_emb (Llama's), value for value: with h half the head size,
+    q * cos + rotate_half(q) * sin is q * cos, minus q[h:] * sin[:h] on the first half and plus
+    q[:h] * sin[h:] on the second, each product and each sum rounded once, as there (-a * b = -(a * b)
+    and x + -y = x - y exactly). Without rotate_half's negation and concatenation, and without a third
+    full-size tensor: 7 q-sized reads and writes instead of 10, in q * cos's memory layout throughout
+    (transformers' sum mixes it with the concatenation's)."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    h = q.shape[-1] // 2
+    out = []
+    for x in (q, k):
+        y = x * cos
+        y[..., :h] -= x[..., h:] * sin[..., :h]
+        y[..., h:] += x[..., :h] * sin[..., h:]
+        out.append(y)
+    return out[0], out[1]
+
+
+_checked_ropes: dict = {}  # id(function) -> (function, whether it is Llama's)
+
+
+def _is_llamas_rope(module) -> bool:
+    fn, rotate = getattr(module, "apply_rotary_pos_emb", None), getattr(module, "rotate_half", None)
+    if fn is None or rotate is None:
+        return False
+    if id(fn) not in _checked_ropes:
+        import inspect
+        try:
+            text, rotate_text = inspect.getsource(fn), inspect.getsource(rotate)
+            same = (list(inspect.signature(fn).parameters) == ["q", "k", "cos", "sin", "unsqueeze_dim"]
+                    and all(line in text for line in _LLAMA_ROPE_LINES)
+                    and all(line in rotate_text for line in _ROTATE_HALF_LINES))
+        except (OSError, TypeError, ValueError):
+            same = False
+        _checked_ropes[id(fn)] = (fn, same)
+    return _checked_ropes[id(fn)][1]
+
+
+@contextlib.contextmanager
+def lean_rope(device: torch.device, enabled: bool = True):
+    """Inside, the LLAMA_ROPE_MODULES already imported apply rotary embeddings with _llama_rope (when
+    `enabled`, where LEAN_ROPE_DEVICES says so); after, their own function again, also after an error.
+    A module-level swap: the passes run one block at a time on one thread."""
+    import sys
+    swapped = []
+    if enabled and device.type in LEAN_ROPE_DEVICES:
+        for name in LLAMA_ROPE_MODULES:
+            module = sys.modules.get(name)
+            if module is not None and module.apply_rotary_pos_emb is not _llama_rope and _is_llamas_rope(module):
+                swapped.append((module, module.apply_rotary_pos_emb))
+    try:
+        for module, _ in swapped:
+            module.apply_rotary_pos_emb = _llama_rope
+        yield
+    finally:
+        for module, own in swapped:
+            module.apply_rotary_pos_emb = own
+
+
 def resolve_device(name: str) -> torch.device:
     """auto: the GPU when there is one. Asking for cuda without one is a one-line error."""
     if name == "auto":
@@ -185,7 +256,8 @@ class Compute:
         try:
             with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.mixed), \
                     cpu_bf16_attention(self.device.type == "cpu" and self.dtype == torch.bfloat16), \
-                    fused_norms(module, self.device, enabled=not self.compiled):  # compiled: inductor fuses
+                    fused_norms(module, self.device, enabled=not self.compiled), \
+                    lean_rope(self.device, enabled=not self.compiled):  # compiled: inductor fuses both
                 yield module
         finally:
             for h in handles:
