@@ -99,7 +99,7 @@ if [ "$part" = remaining ]; then
   # model and Wanda under --offload cpu at the defaults; the floor with the fused RMSNorm and the lean
   # rotary embedding (the default) and with transformers' own forwards; --compile cold (its own
   # process, an empty inductor cache) and warm (a second process on the filled cache, beside eager
-  # Wanda); the ESD's 1, 2, 4 streams and
+  # Wanda); the ESD's 1, 2, 4, 8 streams and
   # MAGMA's eigensolver, the cache key and the alpha fits on the GPU against the host
   step 100 $PY -m pytest -q -p no:cacheprovider tests/test_placement.py tests/test_speed.py tests/test_stade.py \
     tests/test_dtypes.py tests/test_norms.py tests/test_allocation_math.py -k "cuda or every_plan or streamer"
@@ -111,7 +111,7 @@ if [ "$part" = remaining ]; then
     --runs "wanda --compile" --out "$OUT/gpu_compile_cold.json"
   TORCHINDUCTOR_CACHE_DIR="$IND" step 100 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor \
     --runs "wanda --compile" wanda --out "$OUT/gpu_compile_warm.json"
-  step 55 $PY bench/bench_esd.py --random $SHAPE --layers $ESD_LAYERS --device $DEV --precisions float64 --streams 1 2 4 \
+  step 55 $PY bench/bench_esd.py --random $SHAPE --layers $ESD_LAYERS --device $DEV --precisions float64 --streams 1 2 4 8 \
     --linalg default magma --skip-byte-key --out "$OUT/esd_streams.json"
   exit 0
 fi
@@ -146,7 +146,7 @@ if [ "$part" = more ]; then
   TORCHINDUCTOR_CACHE_DIR="$IND" step 90 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --runs --compile-floor \
     --out "$OUT/gpu_compile_floor.json"
   # ESD: 1, 2 and 4 eigensolves in flight at once (CUDA streams), 4 blocks of 7B shape
-  step 60 $PY bench/bench_esd.py --random $SHAPE --layers $ESD_LAYERS --device $DEV --precisions float64 --streams 1 2 4 \
+  step 60 $PY bench/bench_esd.py --random $SHAPE --layers $ESD_LAYERS --device $DEV --precisions float64 --streams 1 2 4 8 \
     --skip-byte-key --out "$OUT/esd_streams.json"
   # mask selection: N:M by stable ranks (prunekit's on a GPU now) against topk, 7B shapes
   step 40 $PY bench/bench_masks.py --device $DEV $MASK_ARGS --out "$OUT/masks.json"
