@@ -52,6 +52,34 @@ def test_dtype_matrix(arch, ckpt, dtype, method, pattern, checkpoints, corpus_fi
         assert json.load(open(os.path.join(out, "prunekit.json")))["placement"]["line"].startswith("placement:")
 
 
+@pytest.mark.parametrize("ckpt", list(DTYPES))
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "gpt2"])
+def test_every_method_allocation_pattern_and_compute_dtype(arch, ckpt, samples, tmp_path, monkeypatch):
+    """The whole cross product in process: magnitude/wanda/stade/sparsegpt x uniform/alpha/owl x
+    unstructured/2:4/4:8 x --dtype auto/float32/bfloat16/float16 on each checkpoint dtype: the prune
+    ends, every weight stays in the checkpoint's dtype and finite, and the target sparsity is met."""
+    monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path))  # the ESD of each model computed once here
+    failures = []
+    for dtype in ("auto", "float32", "bfloat16", "float16"):
+        for method in ("magnitude", "wanda", "stade", "sparsegpt"):
+            for allocation in ("uniform", "alpha", "owl"):
+                for pattern in ("unstructured", "2:4", "4:8"):
+                    model = tiny_model(arch).to(DTYPES[ckpt])
+                    config = PruneConfig(method=method, pattern=pattern, allocation=allocation, nsamples=4,
+                                         seqlen=32, dtype=dtype, device="cpu")
+                    try:
+                        report = prune(model, config, samples[:4])
+                    except Exception as exc:  # collected, so that one run names every failing combination
+                        failures.append(f"{dtype} {method} {allocation} {pattern}: {type(exc).__name__}: {exc}")
+                        continue
+                    params = list(model.parameters())
+                    if {p.dtype for p in params} != {DTYPES[ckpt]} or not all(torch.isfinite(p).all() for p in params):
+                        failures.append(f"{dtype} {method} {allocation} {pattern}: dtype or non-finite weights")
+                    elif report.sparsity != pytest.approx(0.5, abs=0.02):
+                        failures.append(f"{dtype} {method} {allocation} {pattern}: sparsity {report.sparsity}")
+    assert not failures, "\n".join(failures)
+
+
 def _masks(model, adapter):
     return {f"{i}.{n}": adapter.weight(m) == 0 for i, b in enumerate(adapter.blocks(model))
             for n, m in adapter.block_linears(b).items()}
