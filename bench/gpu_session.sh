@@ -19,9 +19,9 @@
 #                                     # (float32 vs bf16 block inputs: `storage`)
 #   bash bench/gpu_session.sh gram    # SparseGPT on 8 blocks and X^T X's GEMMs at 7B widths (~2 min)
 #   bash bench/gpu_session.sh defaults # after targets (~5 min): CUDA tests, the targets under the default settings
-#   bash bench/gpu_session.sh remaining # what those two left unmeasured (~9 min): CUDA tests, the fused RMSNorm's
-#                                     # floor, AlphaPruning, plan
-#                                     # offload at the defaults, ESD streams, --compile cold and warm
+#   bash bench/gpu_session.sh remaining # what those two left unmeasured (~9.5 min): CUDA tests, the floor with
+#                                     # and without the fused RMSNorm and lean rotary embedding, AlphaPruning,
+#                                     # plan offload at the defaults, ESD streams, --compile cold and warm
 #   bash bench/gpu_session.sh targets # the issue's targets in one call (~9 min): CUDA tests, the floor by residual
 #                                     # stream x batch size, then at the fastest batch: Wanda under each plan,
 #                                     # 2:4, STADE, AlphaPruning, SparseGPT (8 blocks), residual bf16 and float32
@@ -99,19 +99,19 @@ if [ "$part" = remaining ]; then
   # model and Wanda under --offload cpu at the defaults; the floor with the fused RMSNorm and the lean
   # rotary embedding (the default) and with transformers' own forwards; --compile cold (its own
   # process, an empty inductor cache) and warm (a second process on the filled cache, beside eager
-  # Wanda); the ESD's 1, 2, 4, 8 streams and
+  # Wanda and 2:4 at the defaults); the ESD's 1, 2, 4, 8 streams and
   # MAGMA's eigensolver, the cache key and the alpha fits on the GPU against the host
   step 100 $PY -m pytest -q -p no:cacheprovider tests/test_placement.py tests/test_speed.py tests/test_stade.py \
     tests/test_dtypes.py tests/test_norms.py tests/test_allocation_math.py -k "cuda or every_plan or streamer"
-  step 120 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor --runs "wanda alpha" --out "$OUT/gpu_alpha.json"
+  step 110 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor --runs "wanda alpha" --out "$OUT/gpu_alpha.json"
   step 50 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor --runs wanda --offload cpu --out "$OUT/gpu_offload.json"
   step 45 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --runs --floor-own-forwards --out "$OUT/gpu_own_forwards.json"
   rm -rf "$IND"
   TORCHINDUCTOR_CACHE_DIR="$IND" step 100 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor \
     --runs "wanda --compile" --out "$OUT/gpu_compile_cold.json"
-  TORCHINDUCTOR_CACHE_DIR="$IND" step 100 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor \
-    --runs "wanda --compile" wanda --out "$OUT/gpu_compile_warm.json"
-  step 55 $PY bench/bench_esd.py --random $SHAPE --layers $ESD_LAYERS --device $DEV --precisions float64 --streams 1 2 4 8 \
+  TORCHINDUCTOR_CACHE_DIR="$IND" step 120 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor \
+    --runs "wanda --compile" wanda "wanda 2:4" --out "$OUT/gpu_compile_warm.json"
+  step 50 $PY bench/bench_esd.py --random $SHAPE --layers $ESD_LAYERS --device $DEV --precisions float64 --streams 1 2 4 8 \
     --linalg default magma --skip-byte-key --out "$OUT/esd_streams.json"
   exit 0
 fi
