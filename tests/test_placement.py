@@ -270,6 +270,28 @@ def test_streamer_copies_on_its_worker_thread(samples, monkeypatch, tmp_path, of
     assert all(torch.equal(a, b) for a, b in zip(streamed.state_dict().values(), plain.state_dict().values()))
 
 
+@pytest.mark.parametrize("method, allocation, early", [
+    ("wanda", "uniform", True), ("sparsegpt", "uniform", True), ("stade", "uniform", False),
+    ("wanda", "alpha", False), ("wanda", "owl", False)])
+def test_first_upload_overlaps_the_capture_where_nothing_changes_the_blocks(
+        method, allocation, early, samples, monkeypatch, tmp_path, fake_cuda_streamer):
+    """The first block's upload is queued before the input capture when no allocation reads the
+    weights on the device and no bias is added to a block before it is pruned; else after both."""
+    from prunekit.execution import loop, streaming
+    monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path))
+    events = []
+    capture, prefetch = loop.capture_block_inputs, streaming.BlockStreamer.prefetch
+    monkeypatch.setattr(loop, "capture_block_inputs", lambda *a, **k: events.append("capture") or capture(*a, **k))
+    model = tiny_model("llama")
+    with fake_cuda_streamer():
+        monkeypatch.setattr(streaming.BlockStreamer, "prefetch",
+                            lambda self, i: events.append(("upload", i)) or prefetch(self, i))
+        prune(model, PruneConfig(method=method, allocation=allocation, nsamples=8, seqlen=32, dtype="float32",
+                                 device="cpu", offload="weights"), samples)
+    first = events.index(("upload", 0))
+    assert (first < events.index("capture")) == early
+
+
 @pytest.mark.parametrize("offload", ["none", "weights"])
 def test_streamer_brings_blocks_back_after_an_error(samples, offload, fake_cuda_streamer):
     """A prune that stops on an error (a NaN in block 0) leaves no block on the device: every

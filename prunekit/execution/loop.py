@@ -393,12 +393,19 @@ class BlockLoop:
             self.streamer = DiskBlocks(model, adapter, self.disk.reader, self.compute.device)
         else:
             self.streamer = BlockStreamer(self.blocks, self.compute.device, self.plan)
+        first = self.checkpoint.done if self.checkpoint is not None else 0
+        if config.allocation == "uniform" and not any(self.scorer.updates_bias(n in adapter.norm_fed)
+                                                      for n in adapter.linears):
+            # nothing below changes a block's parameters before it is pruned (no allocation reads them
+            # on the device, no bias is added): its upload (and, first time, the staging memory's
+            # page-locking) overlaps the input capture instead of following it
+            self.streamer.start(first)
         if self.needs_inputs:
             with self.phases("capture"):
                 self.acts = inputs.clone() if inputs is not None else capture_block_inputs(
                     model, adapter, samples, self.plan.batch_size, self.compute, home=self.plan.activations,
                     scratch=self.scratch)
-        self.start = self.checkpoint.done if self.checkpoint is not None else 0
+        self.start = first
         if not self.start:
             if config.allocation != "uniform":
                 with self.phases.host("weights in (host)"):
