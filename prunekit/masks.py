@@ -17,7 +17,8 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     below = scores < kth
     ties = scores == kth
     room = k - below.sum(dim=1, keepdim=True)
-    return below | (ties & (torch.cumsum(ties, dim=1) <= room))
+    # int32 running counts (a row has < 2^31 entries): half the bytes of cumsum's default int64
+    return below | (ties & (torch.cumsum(ties, dim=1, dtype=torch.int32) <= room))
 
 
 def row_lowest_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
