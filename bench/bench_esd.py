@@ -152,10 +152,10 @@ def main():
     for lib in args.linalg:
         if lib != "default" and cuda:
             previous = torch.backends.cuda.preferred_linalg_library()
-            torch.backends.cuda.preferred_linalg_library(lib)
             try:
+                torch.backends.cuda.preferred_linalg_library(lib)
                 runs[f"float64, {lib}"] = timed(esd_eigenvalues_batched, weights, "float64", args.device)
-            except RuntimeError as exc:  # a build without that library
+            except (RuntimeError, ValueError) as exc:  # a build without that library
                 print(f"{lib}: {str(exc).splitlines()[0]}", flush=True)
             finally:
                 torch.backends.cuda.preferred_linalg_library(previous)
