@@ -305,16 +305,20 @@ def plan_for(model, adapter, config, compute, scorer, shape, disk: bool = False,
     return plan
 
 
+def bias_linears(adapter: Adapter, scorer: Scorer) -> list[str]:
+    """The linears to which the method adds a bias (STADE's compensation)."""
+    return [n for n in adapter.linears if scorer.updates_bias(n in adapter.norm_fed)]
+
+
 def prepare_biases(model: nn.Module, adapter: Adapter, scorer: Scorer) -> None:
     """Give every linear that the method will compensate a zero bias first, and turn on the config
     flag that lets the saved checkpoint declare it."""
     blocks = adapter.blocks(model)
-    for name in adapter.linears:
-        if scorer.updates_bias(name in adapter.norm_fed):
-            for block in blocks:
-                _ensure_bias(block.get_submodule(name))
-            if adapter.can_hold_bias(name, blocks[0].get_submodule(name)):
-                adapter.enable_bias(model, name)
+    for name in bias_linears(adapter, scorer):
+        for block in blocks:
+            _ensure_bias(block.get_submodule(name))
+        if adapter.can_hold_bias(name, blocks[0].get_submodule(name)):
+            adapter.enable_bias(model, name)
 
 
 def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = None,
@@ -394,8 +398,7 @@ class BlockLoop:
         else:
             self.streamer = BlockStreamer(self.blocks, self.compute.device, self.plan)
         first = self.checkpoint.done if self.checkpoint is not None else 0
-        if config.allocation == "uniform" and not any(self.scorer.updates_bias(n in adapter.norm_fed)
-                                                      for n in adapter.linears):
+        if config.allocation == "uniform" and not bias_linears(adapter, self.scorer):
             # nothing below changes a block's parameters before it is pruned (no allocation reads them
             # on the device, no bias is added): its upload (and, first time, the staging memory's
             # page-locking) overlaps the input capture instead of following it
@@ -490,5 +493,4 @@ def unsavable_biases(model: nn.Module, adapter: Adapter, config: PruneConfig) ->
     """Linears that prune() would give a bias which this architecture's checkpoints cannot store."""
     scorer = build_scorer(config)
     block = adapter.blocks(model)[0]
-    return [n for n in adapter.linears if scorer.updates_bias(n in adapter.norm_fed)
-            and not adapter.can_hold_bias(n, block.get_submodule(n))]
+    return [n for n in bias_linears(adapter, scorer) if not adapter.can_hold_bias(n, block.get_submodule(n))]
