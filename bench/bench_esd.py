@@ -10,6 +10,10 @@ writes bench/results/esd.json. On a shared CPU, OMP_NUM_THREADS=1 gives steadier
     python bench/bench_esd.py --random 7b --layers 2 --device cuda   # LLaMA-7B-shaped random weights
     python bench/bench_esd.py --random small --layers 2        # the same on a CPU, small shapes
     python bench/bench_esd.py --random 7b --layers 2 --device cuda --streams 1 2 4   # eigensolves at once
+    python bench/bench_esd.py --random 7b --layers 4 --device cuda --bands 8 16 32   # the two-stage ESD
+
+Every row but the two-stage ones is torch.linalg.eigvalsh (method "eigvalsh"); the reference is float64
+eigvalsh on --device.
 """
 from __future__ import annotations
 
@@ -86,6 +90,9 @@ def main():
                     help="eigensolves in flight at once to time (1 = one after the other; CUDA streams on a GPU)")
     ap.add_argument("--linalg", nargs="+", default=["default"],
                     help="CUDA linear algebra libraries to time the ESD with (default, cusolver, magma), one stream")
+    ap.add_argument("--bands", type=int, nargs="+", default=[],
+                    help="also time the two-stage float64 ESD (band.py) with each of these half-bandwidths")
+    ap.add_argument("--batch", type=int, default=None, help="Grams per two-stage batch (default: esd.py's)")
     ap.add_argument("--svd32", action="store_true", help="also float32 svdvals (the reference's own path)")
     ap.add_argument("--skip-byte-key", action="store_true", help="do not time the old blake2b key")
     ap.add_argument("--key-threads", type=int, nargs="+", default=[],
@@ -109,7 +116,9 @@ def main():
 
     # warm up the device's BLAS and solver handles, so the first precision does not pay for them
     for precision in ("float64", "float32"):
-        esd_eigenvalues_batched([torch.randn(64, 96)], precision, args.device)
+        esd_eigenvalues_batched([torch.randn(64, 96)], precision, args.device, method="eigvalsh")
+    if args.bands:
+        esd_eigenvalues_batched([torch.randn(64, 96)], "float64", args.device, method="two_stage")
 
     _, key_seconds = timed(weights_key, named)
     cuda = str(args.device).startswith("cuda")
@@ -134,7 +143,8 @@ def main():
                                      "key_seconds": key_seconds, "key_seconds_by_threads": key_by_threads})
         return
 
-    ref_eigs, ref_seconds = timed(esd_eigenvalues_batched, weights, "float64", args.device)
+    ref_eigs, ref_seconds = timed(lambda *a: esd_eigenvalues_batched(*a, method="eigvalsh"), weights, "float64",
+                                  args.device)
     ref, fit_seconds = timed(alphas, ref_eigs)
     fit_device_seconds = None
     if cuda:
@@ -147,20 +157,30 @@ def main():
         for streams in args.streams:
             label = precision if streams == 1 else f"{precision}, {streams} streams"
             if label not in runs:
-                runs[label] = timed(lambda *a: esd_eigenvalues_batched(*a, streams=streams), weights, precision,
-                                    args.device)
+                runs[label] = timed(lambda *a: esd_eigenvalues_batched(*a, streams=streams, method="eigvalsh"),
+                                    weights, precision, args.device)
     for lib in args.linalg:
         if lib != "default" and cuda:
             previous = torch.backends.cuda.preferred_linalg_library()
             try:
                 torch.backends.cuda.preferred_linalg_library(lib)
-                runs[f"float64, {lib}"] = timed(esd_eigenvalues_batched, weights, "float64", args.device)
+                runs[f"float64, {lib}"] = timed(lambda *a: esd_eigenvalues_batched(*a, method="eigvalsh"), weights,
+                                                "float64", args.device)
             except (RuntimeError, ValueError) as exc:  # a build without that library
                 print(f"{lib}: {str(exc).splitlines()[0]}", flush=True)
             finally:
                 torch.backends.cuda.preferred_linalg_library(previous)
     if args.svd32:
         runs["svdvals float32"] = timed(svd_eigenvalues, weights, args.device)
+    two_stage = {}
+    for band in args.bands:
+        label, timings = f"float64, two-stage b={band}", {}
+        runs[label] = timed(lambda *a: esd_eigenvalues_batched(*a, method="two_stage", band=band, batch=args.batch,
+                                                               timings=timings), weights, "float64", args.device)
+        two_stage[label] = timings
+        print(f"{label}: {timings['seconds']:.2f} s: device band reduction (and the Grams) "
+              f"{timings['device_seconds']:.2f} s, then {timings['host_tail_seconds']:.2f} s waiting for "
+              f"{timings['host_threads']} host threads' LAPACK dsbev", flush=True)
 
     rows = []
     for precision, (eigs, seconds) in runs.items():
@@ -183,7 +203,7 @@ def main():
                                    "key_seconds_by_threads": key_by_threads,
                                    "key_device_seconds": key_device_seconds, "fit_seconds": fit_seconds,
                                    "fit_device_seconds": fit_device_seconds,
-                                   "byte_key_seconds": byte_seconds, "table": table})
+                                   "byte_key_seconds": byte_seconds, "two_stage": two_stage, "table": table})
 
 
 if __name__ == "__main__":

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the block passes under torch.compile, which fuses the elementwise work between the "
                         "matmuls; the first blocks pay the compile (README: off by default, and why)")
     p.add_argument("--esd-dtype", default="auto", help="AlphaPruning eigensolver precision: auto, float32, float64")
+    p.add_argument("--esd-method", default="auto",
+                   help="AlphaPruning eigensolver: auto (two_stage for float64 on a GPU), eigvalsh, two_stage")
     p.add_argument("--no-bias-update", action="store_true", help="STADE without mean compensation")
     p.add_argument("--sparsegpt-arithmetic", default="fast",
                    help="fast, or reference: the reference's float32 operations in its order, one sequence "
@@ -97,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--plot", metavar="FILE.png")
     z.add_argument("--device", default="auto")
     z.add_argument("--esd-dtype", default="auto", help="eigensolver precision: auto, float32, float64")
+    z.add_argument("--esd-method", default="auto", help="eigensolver: auto, eigvalsh, two_stage")
     _add_allocation_args(z)
 
     s = sub.add_parser("sweep", help="run a grid of prunes of one model, resumable, one JSON line per cell")
@@ -131,7 +134,7 @@ def _allocation_options(args) -> dict:
     return dict(sparsity=args.sparsity, device=args.device, epsilon=args.epsilon, alpha_metric=args.alpha_metric,
                 alpha_mapping=args.alpha_mapping, alpha_reference_quirk=args.alpha_reference_quirk,
                 owl_m=args.owl_m, owl_lambda=args.owl_lambda, max_layer_sparsity=args.max_layer_sparsity,
-                esd_dtype=args.esd_dtype)
+                esd_dtype=args.esd_dtype, esd_method=args.esd_method)
 
 
 def _config(args) -> PruneConfig:

@@ -11,6 +11,7 @@ from .errors import PrunekitError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OFFLOAD = ("auto", "none", "weights", "cpu", "disk")
 ESD_DTYPES = ("auto", "float32", "float64")
+ESD_METHODS = ("auto", "eigvalsh", "two_stage")
 RESIDUAL_DTYPES = ("float32", "compute")
 # calibration tokens per block forward when --batch-size is not given. On an H100 (7B shape, 128 x 2048)
 # the floor of a Wanda prune fell from 15.10 s at 1 sequence a forward to 14.19 s at 4 and 8 (16384
@@ -73,6 +74,8 @@ class PruneConfig:
     alpha_mapping: str = "block_wise"
     alpha_reference_quirk: bool = False
     esd_dtype: str = "auto"               # AlphaPruning eigensolver precision: auto, float32, float64
+    esd_method: str = "auto"              # AlphaPruning eigensolver: auto, eigvalsh (one-stage), two_stage (GPU band
+                                          # reduction + host LAPACK; auto takes it for float64 on a GPU)
     owl_m: float = 5.0
     owl_lambda: float = 0.08
     max_layer_sparsity: float = 0.99
@@ -107,6 +110,10 @@ class PruneConfig:
                                 f"does: drop --batch-size {self.batch_size}")
         if self.esd_dtype not in ESD_DTYPES:
             raise PrunekitError(f"--esd-dtype {self.esd_dtype!r} is not one of {', '.join(ESD_DTYPES)}")
+        if self.esd_method not in ESD_METHODS:
+            raise PrunekitError(f"--esd-method {self.esd_method!r} is not one of {', '.join(ESD_METHODS)}")
+        if self.esd_method == "two_stage" and self.esd_dtype == "float32":
+            raise PrunekitError("--esd-method two_stage runs in float64: drop --esd-dtype float32")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise PrunekitError(f"device {self.device!r} is not auto, cpu or cuda")
         for name in ("nsamples", "seqlen"):

@@ -139,13 +139,14 @@ def block_weights(model, adapter) -> list[tuple[str, torch.Tensor]]:
 
 def model_spectra(model, adapter, device: torch.device | str = "cpu", use_cache: bool = True,
                   precision: str = "float64", lazy_weights=None, lazy_key: str | None = None,
-                  streams: int | None = None) -> dict:
+                  streams: int | None = None, method: str = "auto") -> dict:
     """Eigenvalues (ascending, float64, CPU) of every prunable weight, {full name: tensor}, the seconds
     spent computing them (0 on a cache hit) and the seconds spent on the cache key.
     precision: "float64" or "float32" (esd_precision picks one from PruneConfig.esd_dtype).
     lazy_weights: a callable yielding (name, weight) one at a time (blocks on disk), with `lazy_key`
     identifying the checkpoint; the weights are then read, and eigen-solved, one by one.
-    streams: eigensolves at once (esd_eigenvalues_batched); default esd_streams()."""
+    streams: eigensolves at once (esd_eigenvalues_batched); default esd_streams().
+    method: the eigensolver (esd.esd_method): "auto", "eigvalsh" or "two_stage"."""
     precision = esd_precision(precision, "alpha_peak")  # validated before any work; "auto" -> float64
     weights = None if lazy_weights is not None else block_weights(model, adapter)
     start = time.perf_counter()
@@ -159,9 +160,10 @@ def model_spectra(model, adapter, device: torch.device | str = "cpu", use_cache:
         streams = esd_streams(weights, device, precision)
     if weights is not None:
         eigs = dict(zip([name for name, _ in weights],
-                        esd_eigenvalues_batched([w for _, w in weights], precision, device, streams=streams)))
+                        esd_eigenvalues_batched([w for _, w in weights], precision, device, streams=streams,
+                                                method=method)))
     else:
-        eigs = {name: esd_eigenvalues_batched([w], precision, device)[0] for name, w in lazy_weights()}
+        eigs = {name: esd_eigenvalues_batched([w], precision, device, method=method)[0] for name, w in lazy_weights()}
     seconds = time.perf_counter() - start
     if path:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -229,7 +231,8 @@ def alpha(ctx) -> Allocation:
     lazy = getattr(ctx, "lazy_weights", lambda: None)()  # blocks on disk: (weights, checkpoint key)
     spectra = model_spectra(ctx.model, ctx.adapter, ctx.compute.device,
                             precision=esd_precision(getattr(config, "esd_dtype", "auto"), config.alpha_metric),
-                            lazy_weights=lazy[0] if lazy else None, lazy_key=lazy[1] if lazy else None)
+                            lazy_weights=lazy[0] if lazy else None, lazy_key=lazy[1] if lazy else None,
+                            method=getattr(config, "esd_method", "auto"))
     start = time.perf_counter()
     alphas = layer_alphas(spectra["eigs"], config.alpha_metric, config.alpha_reference_quirk, ctx.compute.device)
     fit_seconds = time.perf_counter() - start

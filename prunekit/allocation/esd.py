@@ -11,13 +11,22 @@ in float64 on the device of their input.
 """
 
 import contextlib
+import os
+import time
 from collections import defaultdict
 
 import torch
 
+from . import band as _band
+
 _CHUNK = 1 << 22  # elements per (candidates x eigenvalues) block in the KS search
 
 PRECISIONS = ("auto", "float64", "float32")
+METHODS = ("auto", "eigvalsh", "two_stage")
+TWO_STAGE_MIN = 1024  # Gram size from which a GPU's float64 ESD goes two-stage (smaller ones: eigvalsh) ...
+TWO_STAGE_MIN_COUNT = 8  # ... given this many such Grams at once (a batch of one is kernel-launch bound)
+TWO_STAGE_BATCH = 32  # Grams band-reduced at once (fewer kernel launches per matrix) ...
+TWO_STAGE_BYTES = 1 << 32  # ... within this many bytes, and half the free GPU memory
 
 
 def resolve_precision(precision: str, metric: str = "alpha_peak") -> str:
@@ -78,9 +87,27 @@ def esd_eigenvalues(weight: torch.Tensor, precision: str = "float64") -> torch.T
     return esd_eigenvalues_batched([weight], precision, weight.device)[0]
 
 
+def esd_method(method: str, precision: str, device: torch.device | str, sizes=()) -> str:
+    """The eigensolver for a request: "eigvalsh" (one-stage, torch.linalg.eigvalsh: LAPACK or cuSOLVER)
+    or "two_stage" (band.py: dense -> band on the device, band -> eigenvalues by LAPACK on the host).
+    "auto" is two_stage for float64 on a GPU given >= TWO_STAGE_MIN_COUNT Gram matrices (`sizes`: one
+    per weight) >= TWO_STAGE_MIN wide, where SciPy's LAPACK is there (bench/bench_esd.py --methods
+    measures both); eigvalsh otherwise."""
+    if method not in METHODS:
+        raise ValueError(f"unknown ESD method {method!r}: choose one of {', '.join(METHODS)}")
+    if method == "two_stage" and precision != "float64":
+        raise ValueError("the two-stage ESD runs in float64: use precision float64, or method eigvalsh")
+    if method != "auto":
+        return method
+    wide = sum(size >= TWO_STAGE_MIN for size in sizes) >= TWO_STAGE_MIN_COUNT
+    cuda = torch.device(device).type == "cuda"
+    return "two_stage" if cuda and precision == "float64" and wide and _band.host_band_solver() else "eigvalsh"
+
+
 def esd_eigenvalues_batched(weights: list[torch.Tensor], precision: str = "float64",
                             device: torch.device | str = "cpu", max_bytes: int = 1 << 31,
-                            streams: int = 1) -> list[torch.Tensor]:
+                            streams: int = 1, method: str = "auto", band: int | None = None,
+                            batch: int | None = None, timings: dict | None = None) -> list[torch.Tensor]:
     """[esd_eigenvalues(w) for w in weights], computed on `device` a stack of equal shapes at a time.
 
     Weights of one shape (on any device, in any dtype) are copied one by one into a (b, rows, cols)
@@ -91,6 +118,9 @@ def esd_eigenvalues_batched(weights: list[torch.Tensor], precision: str = "float
     `streams` > 1: that many stacks at once, each from its own thread on its own CUDA stream (on a
     GPU a large eigvalsh is a long chain of small kernels, latency more than arithmetic), each under
     max_bytes / streams; every eigenvalue is the one a single stream gives.
+    method: "eigvalsh", "two_stage" or "auto" (esd_method); two_stage takes `band` (the half-bandwidth,
+    default band.BAND), `batch` (Grams at once, default from TWO_STAGE_BATCH and TWO_STAGE_BYTES) and
+    `timings` (a dict it fills with where its seconds went); max_bytes and streams are eigvalsh's.
     Returns float64 CPU eigenvalues, ascending, clamped at 0, in the order of `weights`.
     """
     if precision not in ("float64", "float32"):
@@ -102,6 +132,9 @@ def esd_eigenvalues_batched(weights: list[torch.Tensor], precision: str = "float
             raise ValueError(f"esd_eigenvalues needs 2-D weights, got shape {tuple(w.shape)}")
         by_shape[tuple(w.shape)].append(i)
     out = [None] * len(weights)
+    if esd_method(method, precision, device, [min(w.shape) for w in weights]) == "two_stage":
+        _two_stage(weights, torch.device(device), out, band, batch, timings)
+        return out
     streams = max(1, streams)
     parts = []
     for (rows, cols), idx in by_shape.items():
@@ -128,6 +161,51 @@ def esd_eigenvalues_batched(weights: list[torch.Tensor], precision: str = "float
         else:
             _solve_concurrently(solve, parts, streams, torch.device(device))
     return out
+
+
+def _host_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _two_stage(weights: list[torch.Tensor], device: torch.device, out: list, band: int | None,
+               batch: int | None, timings: dict | None) -> None:
+    """esd_eigenvalues_batched's two-stage path: Grams of one size, `batch` at a time, are formed and
+    band-reduced on `device` (band.band_reduce, float64); each batch's bands (n x (b+1) numbers a matrix)
+    come to the host, where a pool of threads, one per core, runs LAPACK dsbev on them while the device
+    reduces the next batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    by_size = defaultdict(list)
+    for i, w in enumerate(weights):
+        by_size[min(w.shape)].append(i)
+    budget = TWO_STAGE_BYTES
+    if device.type == "cuda":
+        budget = min(budget, torch.cuda.mem_get_info(device)[0] // 2)
+    start, device_seconds = time.perf_counter(), 0.0
+    futures = {}
+    with ThreadPoolExecutor(_host_threads(), thread_name_prefix="prunekit-band") as pool:
+        for n, idx in by_size.items():
+            step = batch or max(1, min(TWO_STAGE_BATCH, budget // (n * n * 8)))
+            for s in range(0, len(idx), step):
+                part = idx[s:s + step]
+                t = time.perf_counter()
+                grams = torch.empty((len(part), n, n), dtype=torch.float64, device=device)
+                for b, i in enumerate(part):
+                    w = weights[i].detach().to(device).to(torch.float64)
+                    torch.matmul(w, w.mT, out=grams[b]) if w.shape[0] <= w.shape[1] else torch.matmul(w.mT, w, out=grams[b])
+                    del w
+                bands = _band.band_reduce(grams, band).cpu()  # waits for this batch; the pool works on the last
+                del grams
+                device_seconds += time.perf_counter() - t
+                for b, i in enumerate(part):
+                    futures[i] = pool.submit(_band.band_eigvalsh, bands[b])
+        waited = time.perf_counter()
+        for i, future in futures.items():
+            out[i] = future.result().clamp_min_(0.0)
+    if timings is not None:
+        timings.update(device_seconds=device_seconds, host_tail_seconds=time.perf_counter() - waited,
+                       seconds=time.perf_counter() - start, host_threads=_host_threads(),
+                       band=_band.BAND if band is None else band)
 
 
 def _solve_concurrently(solve, parts: list, streams: int, device: torch.device) -> None:
