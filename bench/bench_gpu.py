@@ -172,8 +172,9 @@ def main(argv=None):
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--runs", nargs="*", default=RUNS,
-                    help="'METHOD [N:M] [ALLOCATION] [--compile]' (--compile: the block passes under torch.compile, "
-                         "the compile counted in the prune seconds)")
+                    help="'METHOD [N:M] [ALLOCATION] [--compile] [--eigvalsh|--two-stage]' (--compile: the block passes "
+                         "under torch.compile, the compile counted in the prune seconds; --eigvalsh, --two-stage: "
+                         "AlphaPruning's esd_method, default auto)")
     ap.add_argument("--offload", nargs="+", default=["auto"], help="plans to time: auto none weights cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--batch-size", type=int)
@@ -250,7 +251,8 @@ def main(argv=None):
             model = build_model(args.shape, args.layers, torch.bfloat16)
             config = PruneConfig(method=words[0], pattern=pattern, allocation=allocation, offload=offload,
                                  activation_dtype=storage, residual_dtype=residual, compile="--compile" in words,
-                                 **base)
+                                 esd_method="eigvalsh" if "--eigvalsh" in words else
+                                 "two_stage" if "--two-stage" in words else "auto", **base)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -270,10 +272,13 @@ def main(argv=None):
                    "esd_s": report.allocation_info.get("esd_seconds"),
                    "esd_key_s": report.allocation_info.get("esd_key_seconds"),
                    "alpha_fit_s": report.allocation_info.get("alpha_fit_seconds"),
+                   "esd_timings": report.allocation_info.get("esd_timings"),
                    "peak_device_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
                    "peak_rss_gib": rss.peak / 1024}
             rows.append(row)
             print(markdown([row], COLUMNS).splitlines()[-1], flush=True)
+            if row["esd_timings"]:
+                print(f"  ESD: {row['esd_timings']}", flush=True)
             write_results(args.out, rows, info)
     print(markdown(rows, COLUMNS))
     return rows

@@ -22,6 +22,8 @@
 #   bash bench/gpu_session.sh remaining # what those two left unmeasured (~9.5 min): CUDA tests, the floor with
 #                                     # and without the fused RMSNorm and lean rotary embedding, AlphaPruning,
 #                                     # plan offload at the defaults, ESD streams, --compile cold and warm
+#   bash bench/gpu_session.sh esd2    # after `remaining` (~5 min): the two-stage ESD's CUDA test, AlphaPruning end to end
+#                                     # beside Wanda and STADE, the two-stage ESD by band width against eigvalsh, plan 2
 #   bash bench/gpu_session.sh targets # the targets in one call (~9 min): CUDA tests, the floor by residual
 #                                     # stream x batch size, then at the fastest batch: Wanda under each plan,
 #                                     # 2:4, STADE, AlphaPruning, SparseGPT (8 blocks), residual bf16 and float32
@@ -91,6 +93,18 @@ if [ "$part" = defaults ]; then
     --out "$OUT/gpu_defaults_plans.json"
   step 60 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor --runs wanda "wanda 2:4" --residual-dtype compute \
     --out "$OUT/gpu_defaults_bf16res.json"
+  exit 0
+fi
+if [ "$part" = esd2 ]; then
+  # the two-stage ESD (band reduction on the GPU, LAPACK dsbev on the host's threads), which `auto` now
+  # takes for AlphaPruning on a GPU: its CUDA test, then AlphaPruning on the whole model beside Wanda and
+  # STADE in one process, then band widths 8, 16, 32 against cuSOLVER's eigvalsh on 4 blocks, then plan 2
+  step 40 $PY -m pytest -q -p no:cacheprovider tests/test_band.py -k cuda
+  step 140 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor --runs "wanda alpha" wanda stade \
+    --out "$OUT/gpu_alpha_two_stage.json"
+  step 70 $PY bench/bench_esd.py --random $SHAPE --layers $ESD_LAYERS --device $DEV --precisions float64 \
+    --bands 8 16 32 --skip-byte-key --out "$OUT/esd_two_stage.json"
+  step 55 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor --runs wanda --offload weights --out "$OUT/gpu_plan2.json"
   exit 0
 fi
 if [ "$part" = remaining ]; then

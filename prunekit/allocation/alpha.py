@@ -154,14 +154,15 @@ def model_spectra(model, adapter, device: torch.device | str = "cpu", use_cache:
     path = os.path.join(cache_dir(), "esd", f"{key}.pt") if use_cache else None
     key_seconds = time.perf_counter() - start
     if path and os.path.exists(path):
-        return {"eigs": torch.load(path), "seconds": 0.0, "cached": True, "key_seconds": key_seconds}
+        return {"eigs": torch.load(path), "seconds": 0.0, "cached": True, "key_seconds": key_seconds, "timings": {}}
     start = time.perf_counter()
     if streams is None and weights is not None:
         streams = esd_streams(weights, device, precision)
+    timings = {}  # the two-stage ESD's own account (esd._two_stage)
     if weights is not None:
         eigs = dict(zip([name for name, _ in weights],
                         esd_eigenvalues_batched([w for _, w in weights], precision, device, streams=streams,
-                                                method=method)))
+                                                method=method, timings=timings)))
     else:
         eigs = {name: esd_eigenvalues_batched([w], precision, device, method=method)[0] for name, w in lazy_weights()}
     seconds = time.perf_counter() - start
@@ -170,7 +171,7 @@ def model_spectra(model, adapter, device: torch.device | str = "cpu", use_cache:
         tmp = f"{path}.{os.getpid()}.tmp"
         torch.save(eigs, tmp)
         os.replace(tmp, path)
-    return {"eigs": eigs, "seconds": seconds, "cached": False, "key_seconds": key_seconds}
+    return {"eigs": eigs, "seconds": seconds, "cached": False, "key_seconds": key_seconds, "timings": timings}
 
 
 def esd_precision(esd_dtype: str, metric: str) -> str:
@@ -239,6 +240,6 @@ def alpha(ctx) -> Allocation:
     result = alpha_allocation(alphas, ctx.adapter, ctx.parameter_counts(), config.sparsity, config.epsilon,
                               config.alpha_mapping, config.max_layer_sparsity)
     result.info = {"esd_seconds": spectra["seconds"], "esd_key_seconds": spectra["key_seconds"],
-                   "alpha_fit_seconds": fit_seconds,
+                   "alpha_fit_seconds": fit_seconds, "esd_timings": spectra["timings"],
                    "esd_cached": spectra["cached"], "alphas": alphas}
     return result

@@ -24,28 +24,29 @@ BAND = 16  # half-bandwidth: a wider band costs the host more (O(n^2 b)) than it
 
 def _householder_panel(P: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched Householder QR of the first p columns of P (B, m, c), m > p, in place (LAPACK dgeqr2 and
-    dlarfg, column by column). Every reflector is applied to all c columns, so P ends as H^T P with
-    H = H_1 ... H_p = I - V T V^T. Returns V (B, m, p), unit lower trapezoidal, and T (B, p, p), upper
-    triangular, from T^-1 = diag(1/tau) + striu(V^T V) (Joffrain et al. 2006). A column with nothing to
-    zero gets v = 0 (H_j = I)."""
+    dlarfg's reflector, column by column). Every reflector is applied to all c columns, so P ends as
+    H^T P with H = H_1 ... H_p = I - V T V^T. Returns V (B, m, p), unit lower trapezoidal, and T (B, p, p),
+    upper triangular, from T^-1 = diag(1/tau) + striu(V^T V) (Joffrain et al. 2006), where
+    tau_j = 2 / ||v_j||^2 makes each H_j = I - tau_j v_j v_j^T an exact reflector. A column with nothing
+    to zero gets v = 0 (H_j = I). About 15 small kernels a column: the device's cost is in launches."""
     B, m, _ = P.shape
     V = P.new_zeros(B, m, p)
-    tinv = P.new_zeros(B, p)
+    tiny = torch.finfo(P.dtype).tiny
     for j in range(p):
         x = P[:, j:, j]
-        alpha, sigma = x[:, 0], x[:, 1:].norm(dim=1)
-        r = torch.hypot(alpha, sigma)
-        beta = torch.where(alpha >= 0, -r, r)  # -sign(alpha) * r: alpha - beta never cancels
+        alpha = x[:, 0]
+        sigma = x[:, 1:].norm(dim=1)
+        denom = alpha + torch.copysign(torch.hypot(alpha, sigma), alpha)  # alpha - beta, beta = -sign(alpha) r
         live = sigma > 0
-        safe_beta = torch.where(live, beta, 1.0)
-        tau = torch.where(live, (beta - alpha) / safe_beta, 1.0)
-        v = x * torch.where(live, 1.0 / (alpha - beta).masked_fill(~live, 1.0), 0.0)[:, None]
-        v[:, 0] = live.to(v.dtype)
+        v = x * torch.where(live, denom, torch.inf).reciprocal()[:, None]
+        v[:, 0] = live
         V[:, j:, j] = v
-        tinv[:, j] = 1.0 / tau
+        tau = torch.linalg.vecdot(v, v).clamp_min_(tiny).reciprocal_().mul_(2.0)  # v = 0: 0 * 2/tiny = 0
         rest = P[:, j:, j:]  # H_j is symmetric: rest -= tau v (v^T rest)
         rest.baddbmm_((tau[:, None] * v).unsqueeze(2), torch.bmm(v.unsqueeze(1), rest), alpha=-1.0)
-    Tinv = torch.triu(V.mT @ V, diagonal=1) + torch.diag_embed(tinv)
+    gram = V.mT @ V
+    half = torch.diagonal(gram, dim1=1, dim2=2) / 2  # 1 / tau_j; a dead column's T_jj = 1 (its v is 0)
+    Tinv = torch.triu(gram, diagonal=1) + torch.diag_embed(torch.where(half > 0, half, 1.0))
     eye = torch.eye(p, dtype=P.dtype, device=P.device).expand(B, p, p)
     T = torch.linalg.solve_triangular(Tinv, eye, upper=True)
     return V, T

@@ -172,7 +172,7 @@ def _two_stage(weights: list[torch.Tensor], device: torch.device, out: list, ban
     """esd_eigenvalues_batched's two-stage path: Grams of one size, `batch` at a time, are formed and
     band-reduced on `device` (band.band_reduce, float64); each batch's bands (n x (b+1) numbers a matrix)
     come to the host, where a pool of threads, one per core, runs LAPACK dsbev on them while the device
-    reduces the next batch."""
+    reduces the next batch (one core is left to the thread that launches the device's kernels)."""
     from concurrent.futures import ThreadPoolExecutor
 
     by_size = defaultdict(list)
@@ -181,13 +181,15 @@ def _two_stage(weights: list[torch.Tensor], device: torch.device, out: list, ban
     budget = TWO_STAGE_BYTES
     if device.type == "cuda":
         budget = min(budget, torch.cuda.mem_get_info(device)[0] // 2)
-    start, device_seconds = time.perf_counter(), 0.0
+    start, device_seconds, batches = time.perf_counter(), 0.0, []
+    threads = max(1, _host_threads() - (device.type == "cuda"))
     futures = {}
-    with ThreadPoolExecutor(_host_threads(), thread_name_prefix="prunekit-band") as pool:
+    with ThreadPoolExecutor(threads, thread_name_prefix="prunekit-band") as pool:
         for n, idx in by_size.items():
             step = batch or max(1, min(TWO_STAGE_BATCH, budget // (n * n * 8)))
             for s in range(0, len(idx), step):
                 part = idx[s:s + step]
+                batches.append(len(part))
                 t = time.perf_counter()
                 grams = torch.empty((len(part), n, n), dtype=torch.float64, device=device)
                 for b, i in enumerate(part):
@@ -204,7 +206,7 @@ def _two_stage(weights: list[torch.Tensor], device: torch.device, out: list, ban
             out[i] = future.result().clamp_min_(0.0)
     if timings is not None:
         timings.update(device_seconds=device_seconds, host_tail_seconds=time.perf_counter() - waited,
-                       seconds=time.perf_counter() - start, host_threads=_host_threads(),
+                       seconds=time.perf_counter() - start, host_threads=threads, batches=batches,
                        band=_band.BAND if band is None else band)
 
 
