@@ -125,6 +125,7 @@ def test_two_stage_esd_matches_eigvalsh(batch):
 
 def test_esd_method_choice(monkeypatch):
     wide = [4096] * esd.TWO_STAGE_MIN_COUNT
+    monkeypatch.setattr(esd, "_host_threads", lambda: esd.TWO_STAGE_MIN_THREADS)
     assert esd_method("auto", "float64", "cpu", wide) == "eigvalsh"  # the CPU's LAPACK eigvalsh is one call
     assert esd_method("auto", "float64", "cuda", wide) == "two_stage"
     assert esd_method("auto", "float64", "cuda:1", wide) == "two_stage"
@@ -137,6 +138,10 @@ def test_esd_method_choice(monkeypatch):
         esd_method("two_stage", "float32", "cuda", wide)
     with pytest.raises(ValueError, match="unknown ESD method"):
         esd_method("svd", "float64", "cuda", wide)
+    monkeypatch.setattr(esd, "_host_threads", lambda: esd.TWO_STAGE_MIN_THREADS - 1)  # too few host threads
+    assert esd_method("auto", "float64", "cuda", wide) == "eigvalsh"
+    assert esd_method("two_stage", "float64", "cuda", wide) == "two_stage"
+    monkeypatch.setattr(esd, "_host_threads", lambda: esd.TWO_STAGE_MIN_THREADS)
     monkeypatch.setattr(band_mod, "host_band_solver", lambda: False)  # no SciPy: eigvalsh
     assert esd_method("auto", "float64", "cuda", wide) == "eigvalsh"
 

@@ -24,7 +24,8 @@ _CHUNK = 1 << 22  # elements per (candidates x eigenvalues) block in the KS sear
 PRECISIONS = ("auto", "float64", "float32")
 METHODS = ("auto", "eigvalsh", "two_stage")
 TWO_STAGE_MIN = 1024  # Gram size from which a GPU's float64 ESD goes two-stage (smaller ones: eigvalsh) ...
-TWO_STAGE_MIN_COUNT = 8  # ... given this many such Grams at once (a batch of one is kernel-launch bound)
+TWO_STAGE_MIN_COUNT = 8  # ... given this many such Grams at once (a batch of one is kernel-launch bound) ...
+TWO_STAGE_MIN_THREADS = 16  # ... and this many host threads for LAPACK's band stage (it is host-bound: below)
 TWO_STAGE_BATCH = 32  # Grams band-reduced at once (fewer kernel launches per matrix) ...
 TWO_STAGE_BYTES = 1 << 32  # ... within this many bytes, and half the free GPU memory
 
@@ -91,8 +92,10 @@ def esd_method(method: str, precision: str, device: torch.device | str, sizes=()
     """The eigensolver for a request: "eigvalsh" (one-stage, torch.linalg.eigvalsh: LAPACK or cuSOLVER)
     or "two_stage" (band.py: dense -> band on the device, band -> eigenvalues by LAPACK on the host).
     "auto" is two_stage for float64 on a GPU given >= TWO_STAGE_MIN_COUNT Gram matrices (`sizes`: one
-    per weight) >= TWO_STAGE_MIN wide, where SciPy's LAPACK is there (bench/bench_esd.py --methods
-    measures both); eigvalsh otherwise."""
+    per weight) >= TWO_STAGE_MIN wide, >= TWO_STAGE_MIN_THREADS host threads and SciPy's LAPACK;
+    eigvalsh otherwise. Measured on an H100 with 16 host cores (README, "AlphaPruning's ESD on the
+    GPU"): LLaMA-7B's 224 Grams took 22.0 s two-stage against 26.7 s by cuSOLVER's eigvalsh, the band
+    stage's LAPACK taking ~1.5 s a matrix a thread there, so with fewer host threads eigvalsh wins."""
     if method not in METHODS:
         raise ValueError(f"unknown ESD method {method!r}: choose one of {', '.join(METHODS)}")
     if method == "two_stage" and precision != "float64":
@@ -101,7 +104,9 @@ def esd_method(method: str, precision: str, device: torch.device | str, sizes=()
         return method
     wide = sum(size >= TWO_STAGE_MIN for size in sizes) >= TWO_STAGE_MIN_COUNT
     cuda = torch.device(device).type == "cuda"
-    return "two_stage" if cuda and precision == "float64" and wide and _band.host_band_solver() else "eigvalsh"
+    threads = _host_threads() >= TWO_STAGE_MIN_THREADS
+    return "two_stage" if cuda and precision == "float64" and wide and threads and _band.host_band_solver() \
+        else "eigvalsh"
 
 
 def esd_eigenvalues_batched(weights: list[torch.Tensor], precision: str = "float64",
