@@ -21,14 +21,11 @@ from render import COLUMNS  # noqa: E402
 from prunekit import PruneConfig, prune  # noqa: E402
 from prunekit.execution import Compute, capture_block_inputs, run_block  # noqa: E402
 from prunekit.evaluate import perplexity  # noqa: E402
-from prunekit.execution.compiled import COMPILE_PHASE  # noqa: E402
 from prunekit.loading import load  # noqa: E402
 
 # "--no-bias-update": what the v2 reference runs (unstructured only); "--stats-dtype float32": bf16 pruned
 # passes with float32 statistics passes (low-precision dtypes only); "--residual-dtype compute" (not run by
-# default): the residual stream inside each block in the compute dtype too; "--compile" (not run by default): the
-# block passes under torch.compile, its compile included in the prune seconds (set TORCHINDUCTOR_CACHE_DIR
-# to an empty folder for a cold compile)
+# default): the residual stream inside each block in the compute dtype too
 METHODS = ["magnitude", "wanda", "stade", "stade --no-bias-update", "stade-w", "wanda --stats-dtype float32",
            "sparsegpt"]
 PATTERNS = ["unstructured", "2:4", "4:8"]
@@ -76,8 +73,7 @@ def main():
         residual = words[words.index("--residual-dtype") + 1] if "--residual-dtype" in words else "float32"
         config = PruneConfig(method=words[0], pattern=pattern, nsamples=32, seqlen=512, seed=0, dtype=dtype,
                              stats_dtype=stats_dtype, residual_dtype=residual, device="cpu",
-                             bias_update="--no-bias-update" not in words,
-                             compile="--compile" in words)
+                             bias_update="--no-bias-update" not in words)
         with PeakRSS() as rss:
             report = prune(net, config, samples, adapter)
         t = time.perf_counter()
@@ -86,7 +82,6 @@ def main():
                "sparsity": report.sparsity, "prune_seconds": report.prune_seconds,
                "floor_seconds": floors[dtype], "vs_floor": report.prune_seconds / floors[dtype],
                "masks_seconds": report.phases.get("masks"), "eval_seconds": time.perf_counter() - t,
-               "compile_seconds": report.phases.get(COMPILE_PHASE),
                "peak_rss_mib": rss.peak}
         rows.append(row)
         print(markdown([row], COLUMNS).splitlines()[-1], flush=True)

@@ -24,7 +24,6 @@ from common import PeakRSS, markdown, meta, write_results  # noqa: E402
 from prunekit import PruneConfig, prune  # noqa: E402
 from prunekit.adapters import adapter_for  # noqa: E402
 from prunekit.execution import Compute, capture_block_inputs, collect_stats, run_block  # noqa: E402
-from prunekit.execution.compiled import COMPILE_PHASE  # noqa: E402
 from prunekit.execution.precision import synchronize  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, heads, kv heads, blocks
@@ -39,7 +38,7 @@ COLUMNS = [("run", "run", ""), ("offload", "offload", ""), ("plan", "plan", ""),
            ("residual", "residual", ""),
            ("prune_s", "prune s", ".2f"),
            ("floor_s", "floor s", ".2f"), ("vs_floor", "vs floor", ".2f"), ("masks_s", "masks s", ".2f"),
-           ("weights_host_s", "weights moved s (host)", ".2f"), ("compile_s", "compile s", ".2f"),
+           ("weights_host_s", "weights moved s (host)", ".2f"),
            ("alloc_s", "allocation s", ".2f"), ("esd_s", "ESD s", ".2f"), ("esd_key_s", "ESD key s", ".3f"),
            ("alpha_fit_s", "alpha fits s", ".3f"),
            ("peak_device_gib", "peak GPU GiB", ".2f"), ("peak_rss_gib", "peak RSS GiB", ".2f")]
@@ -89,7 +88,7 @@ def floor_seconds(model, adapter, ids, config) -> float:
     linears = adapter.block_linears(block)
 
     def passes():
-        with collect_stats(linears, adapter.linears[-1], centred=lambda n: False, compiled=compute.compiled):
+        with collect_stats(linears, adapter.linears[-1], centred=lambda n: False):
             run_block(block, inputs, compute)
         run_block(block, inputs, compute, outputs=inputs)
     timed(passes)  # the second round is timed (first use warms kernels and the allocator)
@@ -111,7 +110,7 @@ def floor_parts(model, adapter, ids, config) -> dict:
     blocks = len(adapter.blocks(model))
 
     def stats_pass():
-        with collect_stats(linears, adapter.linears[-1], centred=lambda n: False, compiled=compute.compiled):
+        with collect_stats(linears, adapter.linears[-1], centred=lambda n: False):
             run_block(block, inputs, compute)
 
     def pass_stopped_by(hook):
@@ -172,8 +171,7 @@ def main(argv=None):
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--runs", nargs="*", default=RUNS,
-                    help="'METHOD [N:M] [ALLOCATION] [--compile] [--eigvalsh|--two-stage]' (--compile: the block passes "
-                         "under torch.compile, the compile counted in the prune seconds; --eigvalsh, --two-stage: "
+                    help="'METHOD [N:M] [ALLOCATION] [--eigvalsh|--two-stage]' (--eigvalsh, --two-stage: "
                          "AlphaPruning's esd_method, default auto)")
     ap.add_argument("--offload", nargs="+", default=["auto"], help="plans to time: auto none weights cpu")
     ap.add_argument("--dtype", default="auto")
@@ -188,8 +186,6 @@ def main(argv=None):
                     help="also the floor with transformers' own RMSNorm forward and rotary embedding "
                          "(precision.FUSED_NORM_DEVICES and LEAN_ROPE_DEVICES off)")
     ap.add_argument("--compile-trial", action="store_true", help="time torch.compile on a block pass")
-    ap.add_argument("--compile-floor", action="store_true",
-                    help="also the floor with the block passes under torch.compile (after one compiling round)")
     ap.add_argument("--no-floor", action="store_true", help="skip the floor measurement")
     ap.add_argument("--floor-parts", action="store_true",
                     help="also split the floor: full pass, statistics pass with and without its sums")
@@ -228,9 +224,6 @@ def main(argv=None):
                 seconds = info["floor_grid_s"][f"{residual} {batch}"] = floor_seconds(model, adapter, ids, cfg)
                 print(f"floor {seconds:.2f} s (residual {residual}, batch {batch})", flush=True)
         write_results(args.out, [], info)
-    if args.compile_floor:
-        info["floor_compiled_s"] = floor_seconds(model, adapter, ids, PruneConfig(**base, compile=True))
-        print(f"floor under torch.compile {info['floor_compiled_s']:.2f} s", flush=True)
         write_results(args.out, [], info)
     if args.floor_parts:
         info["floor_parts"] = floor_parts(model, adapter, ids, PruneConfig(**base))
@@ -250,7 +243,7 @@ def main(argv=None):
             del model
             model = build_model(args.shape, args.layers, torch.bfloat16)
             config = PruneConfig(method=words[0], pattern=pattern, allocation=allocation, offload=offload,
-                                 activation_dtype=storage, residual_dtype=residual, compile="--compile" in words,
+                                 activation_dtype=storage, residual_dtype=residual,
                                  esd_method="eigvalsh" if "--eigvalsh" in words else
                                  "two_stage" if "--two-stage" in words else "auto", **base)
             if torch.cuda.is_available():
@@ -260,12 +253,11 @@ def main(argv=None):
                 os.environ["PRUNEKIT_CACHE_DIR"] = cache  # every AlphaPruning row computes its ESD
                 report = prune(model, config, ids, adapter, log=print)
             floor = floors.get(residual)
-            row = {"run": label, "offload": offload, "plan": report.placement["name"], "compile": config.compile,
+            row = {"run": label, "offload": offload, "plan": report.placement["name"],
                    "storage": report.placement["storage_dtype"], "residual": residual,
                    "prune_s": report.prune_seconds, "floor_s": floor,
                    "vs_floor": report.prune_seconds / floor if floor else None,
                    "masks_s": report.phases.get("masks", 0.0), "phases": report.phases,
-                   "compile_s": report.phases.get(COMPILE_PHASE),
                    "weights_host_s": sum(v for k, v in report.phases.items() if k.startswith("weights")),
                    "placement": report.placement, "sparsity": report.sparsity,
                    "alloc_s": report.phases.get("allocation"),

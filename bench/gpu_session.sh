@@ -10,24 +10,18 @@
 #   bash bench/gpu_session.sh prune   # the pruning benchmarks (~8.5 min on an H200)
 #   bash bench/gpu_session.sh speed   # the 2:4 speed benchmarks (~5 min)
 #   bash bench/gpu_session.sh storage # float32 vs bf16 block inputs, Wanda 50 % and 2:4 (~3 min)
-#   bash bench/gpu_session.sh next    # the issue's targets under what changed since the last GPU run,
-#                                     # in one call (~9 min): CUDA tests, Wanda under each plan with the
-#                                     # floor's parts, Wanda and 2:4 under --compile (cold compile),
-#                                     # 2:4, STADE and AlphaPruning eager
-#   bash bench/gpu_session.sh more    # the rest of what changed (~8 min): --compile's CUDA test and
-#                                     # with a warm cache, the compiled floor, ESD streams, N:M selection
-#                                     # (float32 vs bf16 block inputs: `storage`)
 #   bash bench/gpu_session.sh gram    # SparseGPT on 8 blocks and X^T X's GEMMs at 7B widths (~2 min)
 #   bash bench/gpu_session.sh defaults # after targets (~5 min): CUDA tests, the targets under the default settings
-#   bash bench/gpu_session.sh remaining # what those two left unmeasured (~9.5 min): CUDA tests, the floor with
+#   bash bench/gpu_session.sh remaining # what those two left unmeasured (~5 min): CUDA tests, the floor with
 #                                     # and without the fused RMSNorm and lean rotary embedding, AlphaPruning,
-#                                     # plan offload at the defaults, ESD streams, --compile cold and warm
+#                                     # plan offload at the defaults, ESD streams (its run of 2026-11-27 also
+#                                     # timed the since-removed --compile, cold and warm: README)
 #   bash bench/gpu_session.sh esd2    # after `remaining` (~5 min): the two-stage ESD's CUDA test, AlphaPruning end to end
 #                                     # beside Wanda and STADE, the two-stage ESD by band width against eigvalsh, plan 2
 #   bash bench/gpu_session.sh targets # the issue's targets in one call (~9 min): CUDA tests, the floor by residual
 #                                     # stream x batch size, then at the fastest batch: Wanda under each plan,
 #                                     # 2:4, STADE, AlphaPruning, SparseGPT (8 blocks), residual bf16 and float32
-#   bash bench/gpu_session.sh         # both
+#   bash bench/gpu_session.sh         # prune, storage and speed
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
@@ -51,14 +45,13 @@ if [ "${1:-}" = smoke ]; then
 fi
 
 part=${1:-all}
-# `next` and `more` take their sizes from here, so that they can be dry-run on the CPU first:
-#   SHAPE=tiny SIZE="--layers 2 --nsamples 8 --seqlen 64" DEV=cpu MASK_ARGS="--shapes 64x64 --repeat 1" \
-#     ESD_LAYERS=1 GRAM_ARGS="--columns 64 --tokens 512 --repeat 1" OUT=/tmp/gpu-dry bash bench/gpu_session.sh next
-# (`next`, `more` and `gram` each fit one 10-minute device call)
-SHAPE=${SHAPE:-7b} SIZE=${SIZE:-} DEV=${DEV:-cuda} MASK_ARGS=${MASK_ARGS:-} ESD_LAYERS=${ESD_LAYERS:-4}
+# `targets`, `defaults`, `remaining`, `esd2` and `gram` take their sizes from here, so that they can be
+# dry-run on the CPU first (each fits one 10-minute device call):
+#   SHAPE=tiny SIZE="--layers 2 --nsamples 8 --seqlen 64" DEV=cpu ESD_LAYERS=1 \
+#     GRAM_ARGS="--columns 64 --tokens 512 --repeat 1" OUT=/tmp/gpu-dry bash bench/gpu_session.sh esd2
+SHAPE=${SHAPE:-7b} SIZE=${SIZE:-} DEV=${DEV:-cuda} ESD_LAYERS=${ESD_LAYERS:-4}
 GRAM_ARGS=${GRAM_ARGS:---columns 4096 11008 --tokens 131072 --batches 8 --repeat 3}
 BATCHES=${BATCHES:-1 4 8 16}
-IND=${IND:-/tmp/prunekit-inductor}  # the inductor cache of the --compile runs (outside $OUT: not fetched back)
 if [ "$part" = targets ]; then
   # the CUDA tests: every plan gives the same model, the worker's copies, --residual-dtype compute on the GPU,
   # the bf16 GEMM to a float32 X^T X
@@ -111,59 +104,15 @@ if [ "$part" = remaining ]; then
   # what `targets` and `defaults` left unmeasured, in one call (~9.5 min), the issue's targets first: the
   # CUDA tests after the ESD's one-thread linalg load and the staging ring; AlphaPruning on the whole
   # model and Wanda under --offload cpu at the defaults; the floor with the fused RMSNorm and the lean
-  # rotary embedding (the default) and with transformers' own forwards; --compile cold (its own
-  # process, an empty inductor cache) and warm (a second process on the filled cache, beside eager
-  # Wanda and 2:4 at the defaults); the ESD's 1, 2, 4, 8 streams and
+  # rotary embedding (the default) and with transformers' own forwards; the ESD's 1, 2, 4, 8 streams and
   # MAGMA's eigensolver, the cache key and the alpha fits on the GPU against the host
   step 100 $PY -m pytest -q -p no:cacheprovider tests/test_placement.py tests/test_speed.py tests/test_stade.py \
     tests/test_dtypes.py tests/test_norms.py tests/test_allocation_math.py -k "cuda or every_plan or streamer"
   step 110 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor --runs "wanda alpha" --out "$OUT/gpu_alpha.json"
   step 50 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor --runs wanda --offload cpu --out "$OUT/gpu_offload.json"
   step 45 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --runs --floor-own-forwards --out "$OUT/gpu_own_forwards.json"
-  rm -rf "$IND"
-  TORCHINDUCTOR_CACHE_DIR="$IND" step 100 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor \
-    --runs "wanda --compile" --out "$OUT/gpu_compile_cold.json"
-  TORCHINDUCTOR_CACHE_DIR="$IND" step 120 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor \
-    --runs "wanda --compile" wanda "wanda 2:4" --out "$OUT/gpu_compile_warm.json"
   step 50 $PY bench/bench_esd.py --random $SHAPE --layers $ESD_LAYERS --device $DEV --precisions float64 --streams 1 2 4 8 \
     --linalg default magma --skip-byte-key --out "$OUT/esd_streams.json"
-  exit 0
-fi
-if [ "$part" = next ]; then
-  # correctness first: on the GPU every plan gives the same model (the worker's weight copies, biases
-  # added on the device included), and the CUDA-only tests (--compile's is left to the next step)
-  step 90 $PY -m pytest -q -p no:cacheprovider tests/test_placement.py tests/test_speed.py tests/test_stade.py \
-    -k "cuda or every_plan or streamer"
-  # Wanda 50 % under each plan with the worker-thread weight copies, the floor, and where the floor's
-  # time goes (full pass, statistics pass with and without its sums, two ways to a sum of squares)
-  step 180 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --runs wanda --offload auto weights cpu --floor-parts \
-    --out "$OUT/gpu_wanda_copies.json"
-  # --compile end to end with a cold compile: an empty inductor cache, its own process (the 2:4 row
-  # reuses the compiled code in memory)
-  rm -rf "$IND"
-  TORCHINDUCTOR_CACHE_DIR="$IND" step 150 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor \
-    --runs "wanda --compile" "wanda 2:4 --compile" --out "$OUT/gpu_compile_cold.json"
-  # 2:4 (N:M by stable ranks), STADE, AlphaPruning on the whole model (CUDA_ESD_STREAMS eigensolves)
-  step 150 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor --runs "wanda 2:4" stade "wanda alpha" --out "$OUT/gpu_runs.json"
-  exit 0
-fi
-if [ "$part" = more ]; then
-  # --compile's CUDA test; --compile with a warm inductor cache: one process fills the cache (cold, as
-  # in `next`), a second one prunes with it beside eager Wanda; then the floor eager and compiled.
-  # (A device machine is released seconds after a call, so the cache cannot wait for a later call.)
-  rm -rf "$IND"
-  TORCHINDUCTOR_CACHE_DIR="$IND" step 120 $PY -m pytest -q -p no:cacheprovider tests/test_compile.py -k cuda
-  TORCHINDUCTOR_CACHE_DIR="$IND" step 120 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor \
-    --runs "wanda --compile" --out "$OUT/gpu_compile_fill.json"
-  TORCHINDUCTOR_CACHE_DIR="$IND" step 120 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor \
-    --runs "wanda --compile" wanda --out "$OUT/gpu_compile_warm.json"
-  TORCHINDUCTOR_CACHE_DIR="$IND" step 90 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --runs --compile-floor \
-    --out "$OUT/gpu_compile_floor.json"
-  # ESD: 1, 2 and 4 eigensolves in flight at once (CUDA streams), 4 blocks of 7B shape
-  step 60 $PY bench/bench_esd.py --random $SHAPE --layers $ESD_LAYERS --device $DEV --precisions float64 --streams 1 2 4 8 \
-    --skip-byte-key --out "$OUT/esd_streams.json"
-  # mask selection: N:M by stable ranks (prunekit's on a GPU now) against topk, 7B shapes
-  step 40 $PY bench/bench_masks.py --device $DEV $MASK_ARGS --out "$OUT/masks.json"
   exit 0
 fi
 if [ "$part" = gram ]; then
@@ -185,7 +134,7 @@ if [ "$part" = all ] || [ "$part" = prune ]; then
   step 70 $PY bench/bench_gpu.py --shape 7b --layers 8 --no-floor --runs sparsegpt --out "$OUT/gpu_sparsegpt.json"
   # issue 9: ESD precision and time on 7B-shaped weights (2 blocks)
   step 30 $PY bench/bench_esd.py --random 7b --layers 2 --device cuda --skip-byte-key --out "$OUT/esd_cuda.json"
-  # issue 9: torch.compile on a block pass, compile time counted
+  # issue 9: torch.compile on a block pass, compile time counted (why prunekit has no --compile)
   step 40 $PY bench/bench_gpu.py --shape 7b --no-floor --runs --compile-trial --out "$OUT/gpu_compile.json"
 fi
 if [ "$part" = all ] || [ "$part" = storage ]; then

@@ -71,14 +71,13 @@ def cpu_bf16_attention(enabled: bool = True):
         return
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     original = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    attend = torch.compiler.disable(causal_attention)  # --compile: runs as it is (its out= views do not trace)
 
     def sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         if not _handles(query, key, attention_mask, dropout, kwargs) or not getattr(module, "is_causal", True):
             return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         bf16 = torch.bfloat16
-        return attend(query, key.to(bf16), value.to(bf16), scale), None  # query: lowered as it is scaled
+        return causal_attention(query, key.to(bf16), value.to(bf16), scale), None  # query: lowered as it is scaled
 
     local = ALL_ATTENTION_FUNCTIONS._local_mapping  # the instance the models look up; the class-wide table stays
     had, before = "sdpa" in local, local.get("sdpa")

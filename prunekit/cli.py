@@ -64,9 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "safetensors copy is kept and reused")
     p.add_argument("--record-error", action="store_true",
                    help="record each block's relative output error (pruned vs dense) in the JSON")
-    p.add_argument("--compile", action="store_true",
-                   help="run the block passes under torch.compile, which fuses the elementwise work between the "
-                        "matmuls; the first blocks pay the compile (README: off by default, and why)")
     p.add_argument("--esd-dtype", default="auto", help="AlphaPruning eigensolver precision: auto, float32, float64")
     p.add_argument("--esd-method", default="auto",
                    help="AlphaPruning eigensolver: auto (two_stage for float64 on a GPU), eigvalsh, two_stage")
@@ -146,7 +143,6 @@ def _config(args) -> PruneConfig:
                        checkpoint=not args.no_checkpoint, checkpoint_dir=args.checkpoint_dir,
                        max_shard_size=args.max_shard_size, gguf_cache=args.gguf_cache,
                        record_error=args.record_error, allow_long_context=args.allow_long_context,
-                       compile=args.compile,
                        bias_update=not args.no_bias_update,
                        wanda_variant=args.wanda_variant, sparsegpt_arithmetic=args.sparsegpt_arithmetic,
                        **_allocation_options(args))

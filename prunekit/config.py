@@ -62,8 +62,6 @@ class PruneConfig:
     save_format: str = "dense"            # dense (zeros, loads anywhere) or bitmask (kept values + packed mask)
     allow_long_context: bool = False      # calibrate/evaluate beyond max_position_embeddings
     record_error: bool = False            # per block: relative MSE of the pruned output vs the dense one
-    compile: bool = False                 # block passes under torch.compile (fused elementwise work between the
-                                          # matmuls; pays one compile per pass kind on first use)
     bias_update: bool = True              # STADE mean compensation
     wanda_variant: bool = False           # Wanda appendix variant: per-row cumulative-score threshold
     sparsegpt_arithmetic: str = "fast"    # method sparsegpt: fast, or reference (the reference's float32 operations

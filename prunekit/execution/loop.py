@@ -24,7 +24,7 @@ from ..allocation import Allocation, allocate, needs_data
 from ..config import PruneConfig
 from ..errors import PrunekitError
 from ..scoring import Scorer, build_scorer
-from . import compiled, distributed
+from . import distributed
 from .disk import DiskBlocks
 from .passes import Activations, ErrorMeter, Scratch, capture_block_inputs, collect_stats, run_block
 from .placement import Plan, Sizes, plan_batch, plan_placement, plan_storage
@@ -95,8 +95,7 @@ class AllocationContext:
         compute = Compute.for_stats(self.config)
         for i, block in enumerate(tqdm(self.adapter.blocks(self.model), desc=desc, leave=False)):
             self.streamer.onload(i)
-            with collect_stats(self.adapter.block_linears(block), centred=lambda name: False,
-                               compiled=compute.compiled) as stats:
+            with collect_stats(self.adapter.block_linears(block), centred=lambda name: False) as stats:
                 run_block(block, current, compute, outputs=current)
             distributed.combine_stats(stats)
             yield i, block, stats
@@ -331,7 +330,6 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
     blocks are read from the checkpoint and written to the output as they finish. `checkpoint`
     (execution.resume.Checkpointer): state saved after each block, and resumed from where it has one."""
     start = time.perf_counter()
-    compiling = compiled.compile_seconds() if config.compile else None
     run = BlockLoop(model, config, adapter or adapter_for(model.config.model_type), log, disk, checkpoint)
     if run.needs_inputs and samples is None and inputs is None:
         raise PrunekitError(f"method {config.method} needs calibration data: pass --calib")
@@ -366,8 +364,6 @@ def prune(model: nn.Module, config: PruneConfig, samples: torch.Tensor | None = 
         if run.scratch is not None:
             run.scratch.cleanup()
     run.summarise()
-    if compiling is not None:
-        run.phases.seconds[compiled.COMPILE_PHASE] = compiled.compile_seconds() - compiling
     run.report.phases = run.phases.totals()
     run.report.prune_seconds = time.perf_counter() - start
     return run.report
@@ -444,7 +440,7 @@ class BlockLoop:
             with self.phases("statistics pass"), collect_stats(
                     linears, None if self.dense is not None else adapter.linears[-1],
                     centred=lambda n: scorer.centred(n in adapter.norm_fed),
-                    gram=lambda n: scorer.gram(n in adapter.norm_fed), compiled=self.stats_compute.compiled) as stats:
+                    gram=lambda n: scorer.gram(n in adapter.norm_fed)) as stats:
                 run_block(block, self.acts, self.stats_compute, outputs=self.dense)
             distributed.combine_stats(stats)
         rank0 = distributed.world()[0] == 0

@@ -178,7 +178,7 @@ def run_block(block: nn.Module, inputs: Activations, compute: Compute, outputs: 
     batch is consumed by then). `error`: compare each output with `dense`'s batch. A pass ended by
     collect_stats(stop_after=...) produces no outputs."""
     memo = {}  # the batches' shared tensors (rotary tables), converted once per pass
-    with compute.run(block, lower=not compute.compiled):  # compiled: the graph holds autocast's casts
+    with compute.run(block):
         for sl, h in inputs.batches(compute.device):
             args, kwargs = inputs.extra[sl.start // inputs.batch_size]
             try:
@@ -211,15 +211,12 @@ class ErrorMeter:
 
 @contextlib.contextmanager
 def collect_stats(linears: dict[str, nn.Module], stop_after: str | None = None, centred=lambda name: True,
-                  gram=lambda name: False, compiled: bool = False):
+                  gram=lambda name: False):
     """Hooks that accumulate ChannelStats of every linear's input while the block runs. With
     `stop_after` (the block's last linear), the pass ends once that layer's input is counted: a
     statistics-only pass need not compute the rest of the block. `centred(name)`: whether that
     linear's statistics need the mean and variance; `gram(name)`: whether they need X^T X (SparseGPT).
-    Linears that read one tensor (q/k/v, gate/up) share one accumulator. `compiled`: the pass runs
-    under --compile, where the hooks run eagerly (a graph break each): Dynamo would trace their
-    Python state (the dict they fill, the identity check, the early stop) into code that every block
-    reuses, and later blocks lost their statistics in a trial."""
+    Linears that read one tensor (q/k/v, gate/up) share one accumulator."""
     stats: dict[str, ChannelStats] = {}
     last = [None, None]  # (input tensor, linear that counted it)
     handles = []
@@ -235,7 +232,7 @@ def collect_stats(linears: dict[str, nn.Module], stop_after: str | None = None, 
                 stats[name].update(x)
             if name == stop_after:
                 raise StopForward
-        handles.append(module.register_forward_pre_hook(torch.compiler.disable(hook) if compiled else hook))
+        handles.append(module.register_forward_pre_hook(hook))
     try:
         yield stats
     finally:

@@ -27,7 +27,6 @@ from torch import nn
 
 from ..attention import cpu_bf16_attention
 from ..errors import PrunekitError
-from . import compiled as compiled_passes  # the module; `compiled` below is the flag
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -176,7 +175,6 @@ class Compute:
     device: torch.device
     dtype: torch.dtype
     store: torch.dtype | None = None  # storage dtype of block inputs/outputs; None: the compute dtype
-    compiled: bool = False            # block calls under torch.compile (--compile)
     residual: torch.dtype = torch.float32  # the residual stream inside a pass (float32, or dtype: --residual-dtype)
 
     @classmethod
@@ -188,7 +186,7 @@ class Compute:
         dtype = resolve_dtype(config.dtype, device)
         residual = cls.residual_of(config, dtype)
         store = residual if config.activation_dtype == "auto" else DTYPES[config.activation_dtype]
-        return cls(device, dtype, store, compiled=config.compile, residual=residual)
+        return cls(device, dtype, store, residual=residual)
 
     @staticmethod
     def residual_of(config, dtype: torch.dtype) -> torch.dtype:
@@ -208,7 +206,7 @@ class Compute:
         the pruned passes that only carry inputs forward tolerate bf16 (see README, Benchmarks)."""
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.stats_dtype or config.dtype, device)
-        return cls(device, dtype, compiled=config.compile, residual=cls.residual_of(config, dtype))
+        return cls(device, dtype, residual=cls.residual_of(config, dtype))
 
     @property
     def mixed(self) -> bool:
@@ -229,8 +227,7 @@ class Compute:
         them; LayerNorm parameters get float32 copies).
         On exit every parameter points back to its own data, which pruning edits. `exclude`: a
         submodule whose parameters are left alone (the blocks, while the embeddings run). `lower`:
-        in mixed precision, hand each matmul its input lowered once (_LowerOnce); a compiled pass
-        leaves that to the graph."""
+        in mixed precision, hand each matmul its input lowered once (_LowerOnce)."""
         saved, handles = [], []
         skip = {id(p) for p in exclude.parameters()} if exclude is not None else set()
         params = [p for p in module.parameters() if p.is_floating_point() and id(p) not in skip]
@@ -256,8 +253,7 @@ class Compute:
         try:
             with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.mixed), \
                     cpu_bf16_attention(self.device.type == "cpu" and self.dtype == torch.bfloat16), \
-                    fused_norms(module, self.device, enabled=not self.compiled), \
-                    lean_rope(self.device, enabled=not self.compiled):  # compiled: inductor fuses both
+                    fused_norms(module, self.device), lean_rope(self.device):
                 yield module
         finally:
             for h in handles:
@@ -266,10 +262,7 @@ class Compute:
                 p.data = data
 
     def call(self, block: nn.Module, h: torch.Tensor, args: tuple, kwargs: dict):
-        """One forward of `block` on a batch, eager or (--compile) through the one compiled caller that
-        every block shares (see compiled.py)."""
-        if self.compiled:
-            return compiled_passes.compiled_call(block, h, args, kwargs)
+        """One forward of `block` on a batch."""
         return block(h, *args, **kwargs)
 
     def hidden(self, h: torch.Tensor) -> torch.Tensor:

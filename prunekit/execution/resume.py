@@ -25,7 +25,7 @@ from . import distributed
 
 # settings that decide where and how a run executes, not what it computes
 _RUN_ONLY = ("offload", "scratch_dir", "max_shard_size", "gguf_cache", "save_format", "allow_long_context",
-             "checkpoint", "checkpoint_dir", "resume", "compile")
+             "checkpoint", "checkpoint_dir", "resume")
 
 
 def _atomic_save(tensors: dict, path: str) -> None:
