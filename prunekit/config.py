@@ -12,6 +12,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 OFFLOAD = ("auto", "none", "weights", "cpu", "disk")
 ESD_DTYPES = ("auto", "float32", "float64")
 ESD_METHODS = ("auto", "eigvalsh", "two_stage")
+# keys earlier prunekit versions wrote into prunekit.json and recipes: (the value that meant "off", why it went)
+RETIRED_KEYS = {"compile": (False, "--compile was removed: it lost end to end on GPU and CPU, README 'torch.compile'")}
 RESIDUAL_DTYPES = ("float32", "compute")
 # calibration tokens per block forward when --batch-size is not given. On an H100 (7B shape, 128 x 2048)
 # the floor of a Wanda prune fell from 15.10 s at 1 sequence a forward to 14.19 s at 4 and 8 (16384
@@ -157,6 +159,11 @@ class PruneConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "PruneConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        for key, (default, why) in RETIRED_KEYS.items():  # a file saved by an earlier prunekit
+            if key in data:
+                if data[key] != default:
+                    raise PrunekitError(f"config key {key!r} is no longer supported ({why}): remove it")
+                data = {k: v for k, v in data.items() if k != key}
         unknown = sorted(set(data) - known)
         if unknown:
             raise PrunekitError(f"unknown config keys {unknown}: known keys are {sorted(known)}")

@@ -53,6 +53,18 @@ def test_prunekit_json_record_is_a_recipe(tmp_path):
     assert recorded_run(str(path)) == {"model": "smollm2-135m", "calib": "wikitext2", "eval": "c4"}
 
 
+def test_a_record_of_an_earlier_prunekit_with_a_retired_key(tmp_path):
+    """prunekit.json from a version that had --compile: off, the key is dropped; on, a one-line error."""
+    record = {"config": {**PruneConfig(method="wanda").to_dict(), "compile": False}}
+    path = tmp_path / "prunekit.json"
+    path.write_text(json.dumps(record))
+    assert merge(load_recipe(str(path)), {}) == PruneConfig(method="wanda")
+    record["config"]["compile"] = True
+    path.write_text(json.dumps(record))
+    with pytest.raises(PrunekitError, match="'compile' is no longer supported.*remove it"):
+        load_recipe(str(path))
+
+
 def test_bad_recipes_are_one_line_errors(tmp_path):
     unknown = tmp_path / "u.yaml"
     unknown.write_text("method: wanda\nsparsty: 0.5\n")
