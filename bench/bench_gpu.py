@@ -171,8 +171,8 @@ def main(argv=None):
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--runs", nargs="*", default=RUNS,
-                    help="'METHOD [N:M] [ALLOCATION] [--eigvalsh|--two-stage]' (--eigvalsh, --two-stage: "
-                         "AlphaPruning's esd_method, default auto)")
+                    help="'METHOD [N:M] [ALLOCATION] [--eigvalsh|--two-stage] [--esd-band=B] [--esd-batch=N]' "
+                         "(AlphaPruning's esd_method, default auto, and the two-stage ESD's band and batch)")
     ap.add_argument("--offload", nargs="+", default=["auto"], help="plans to time: auto none weights cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--batch-size", type=int)
@@ -245,7 +245,9 @@ def main(argv=None):
             config = PruneConfig(method=words[0], pattern=pattern, allocation=allocation, offload=offload,
                                  activation_dtype=storage, residual_dtype=residual,
                                  esd_method="eigvalsh" if "--eigvalsh" in words else
-                                 "two_stage" if "--two-stage" in words else "auto", **base)
+                                 "two_stage" if "--two-stage" in words else "auto",
+                                 **{key: int(w.split("=")[1]) for key in ("esd_band", "esd_batch") for w in words
+                                    if w.startswith(f"--{key.replace('_', '-')}=")}, **base)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from .allocation.alpha import alpha_allocation, esd_precision, layer_alphas, model_spectra
+from .allocation.alpha import alpha_allocation, esd_options, esd_precision, layer_alphas, model_spectra
 from .config import PruneConfig
 from .execution.precision import resolve_device
 from .loading import load
@@ -13,7 +13,7 @@ def analyze(model: str, config: PruneConfig) -> dict:
     net, _, adapter, _ = load(model)
     precision = esd_precision(getattr(config, "esd_dtype", "auto"), config.alpha_metric)
     device = resolve_device(config.device)
-    spectra = model_spectra(net, adapter, device, precision=precision, method=getattr(config, "esd_method", "auto"))
+    spectra = model_spectra(net, adapter, device, precision=precision, **esd_options(config))
     alphas = layer_alphas(spectra["eigs"], config.alpha_metric, config.alpha_reference_quirk, device)
     alloc = alpha_allocation(alphas, adapter, adapter.parameter_counts(net), config.sparsity, config.epsilon,
                              config.alpha_mapping, config.max_layer_sparsity)

@@ -65,8 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record-error", action="store_true",
                    help="record each block's relative output error (pruned vs dense) in the JSON")
     p.add_argument("--esd-dtype", default="auto", help="AlphaPruning eigensolver precision: auto, float32, float64")
-    p.add_argument("--esd-method", default="auto",
-                   help="AlphaPruning eigensolver: auto (two_stage for float64 on a GPU), eigvalsh, two_stage")
     p.add_argument("--no-bias-update", action="store_true", help="STADE without mean compensation")
     p.add_argument("--sparsegpt-arithmetic", default="fast",
                    help="fast, or reference: the reference's float32 operations in its order, one sequence "
@@ -96,7 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--plot", metavar="FILE.png")
     z.add_argument("--device", default="auto")
     z.add_argument("--esd-dtype", default="auto", help="eigensolver precision: auto, float32, float64")
-    z.add_argument("--esd-method", default="auto", help="eigensolver: auto, eigvalsh, two_stage")
     _add_allocation_args(z)
 
     s = sub.add_parser("sweep", help="run a grid of prunes of one model, resumable, one JSON line per cell")
@@ -118,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_allocation_args(p):
     a = p.add_argument_group("allocation options")
+    a.add_argument("--esd-method", default="auto",
+                   help="AlphaPruning eigensolver: auto (two_stage for float64 on a GPU), eigvalsh, two_stage")
+    a.add_argument("--esd-band", type=int, default=16,
+                   help="two_stage ESD: the band's half-width (narrower: less host LAPACK work, more GPU work)")
+    a.add_argument("--esd-batch", type=int, default=0,
+                   help="two_stage ESD: Gram matrices reduced at once on the GPU (0: automatic, up to 32)")
     a.add_argument("--epsilon", type=float, default=0.3, help="AlphaPruning: sparsity spread around the target")
     a.add_argument("--alpha-metric", default="alpha_peak", help="alpha_peak or alpha_mid")
     a.add_argument("--alpha-mapping", default="block_wise", help="block_wise or layer_wise")
@@ -131,7 +134,8 @@ def _allocation_options(args) -> dict:
     return dict(sparsity=args.sparsity, device=args.device, epsilon=args.epsilon, alpha_metric=args.alpha_metric,
                 alpha_mapping=args.alpha_mapping, alpha_reference_quirk=args.alpha_reference_quirk,
                 owl_m=args.owl_m, owl_lambda=args.owl_lambda, max_layer_sparsity=args.max_layer_sparsity,
-                esd_dtype=args.esd_dtype, esd_method=args.esd_method)
+                esd_dtype=args.esd_dtype, esd_method=args.esd_method, esd_band=args.esd_band,
+                esd_batch=args.esd_batch)
 
 
 def _config(args) -> PruneConfig:

@@ -76,6 +76,9 @@ class PruneConfig:
     esd_dtype: str = "auto"               # AlphaPruning eigensolver precision: auto, float32, float64
     esd_method: str = "auto"              # AlphaPruning eigensolver: auto, eigvalsh (one-stage), two_stage (GPU band
                                           # reduction + host LAPACK; auto takes it for float64 on a GPU)
+    esd_band: int = 16                    # two_stage: the band's half-width (narrower: less host work, more device work)
+    esd_batch: int = 0                    # two_stage: Gram matrices reduced at once (0: up to 32, within 4 GiB and half
+                                          # the free GPU memory; more: fewer kernel launches a matrix, more memory)
     owl_m: float = 5.0
     owl_lambda: float = 0.08
     max_layer_sparsity: float = 0.99
@@ -114,6 +117,10 @@ class PruneConfig:
             raise PrunekitError(f"--esd-method {self.esd_method!r} is not one of {', '.join(ESD_METHODS)}")
         if self.esd_method == "two_stage" and self.esd_dtype == "float32":
             raise PrunekitError("--esd-method two_stage runs in float64: drop --esd-dtype float32")
+        if not (isinstance(self.esd_band, int) and self.esd_band >= 1):
+            raise PrunekitError(f"--esd-band {self.esd_band!r} must be an integer >= 1")
+        if not (isinstance(self.esd_batch, int) and self.esd_batch >= 0):
+            raise PrunekitError(f"--esd-batch {self.esd_batch!r} must be an integer >= 0 (0: automatic)")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise PrunekitError(f"device {self.device!r} is not auto, cpu or cuda")
         for name in ("nsamples", "seqlen"):

@@ -146,12 +146,40 @@ def test_esd_method_choice(monkeypatch):
     assert esd_method("auto", "float64", "cuda", wide) == "eigvalsh"
 
 
-def test_config_validates_the_esd_method():
-    PruneConfig(esd_method="two_stage")
+def test_config_validates_the_esd_options():
+    PruneConfig(esd_method="two_stage", esd_band=8, esd_batch=64)
     with pytest.raises(PrunekitError, match="--esd-method"):
         PruneConfig(esd_method="svd")
     with pytest.raises(PrunekitError, match="float64"):
         PruneConfig(esd_method="two_stage", esd_dtype="float32")
+    with pytest.raises(PrunekitError, match="--esd-band"):
+        PruneConfig(esd_band=0)
+    with pytest.raises(PrunekitError, match="--esd-batch"):
+        PruneConfig(esd_batch=-1)
+
+
+def test_esd_band_and_batch_reach_the_eigensolver(tmp_path, monkeypatch):
+    """--esd-band and --esd-batch (CLI -> PruneConfig -> model_spectra) set the two-stage path's band and
+    batches; the eigenvalues stay eigvalsh's."""
+    from conftest import tiny_model
+
+    from prunekit.adapters import adapter_for
+    from prunekit.allocation.alpha import esd_options, model_spectra
+    from prunekit.cli import _allocation_options, build_parser
+
+    args = build_parser().parse_args(["analyze", "--model", "m", "--esd-method", "two_stage", "--esd-band", "3",
+                                      "--esd-batch", "5"])
+    config = PruneConfig(**_allocation_options(args))
+    assert esd_options(config) == {"method": "two_stage", "band": 3, "batch": 5}
+    assert esd_options(PruneConfig())["batch"] is None  # 0: automatic
+    model, adapter = tiny_model("llama"), adapter_for("llama")
+    got = model_spectra(model, adapter, "cpu", use_cache=False, **esd_options(config))
+    timings = got["timings"]
+    assert timings["band"] == 3 and max(timings["batches"]) == 5 and sum(timings["batches"]) == len(got["eigs"])
+    ref = model_spectra(model, adapter, "cpu", use_cache=False, method="eigvalsh")
+    assert ref["timings"] == {}
+    for name, e in ref["eigs"].items():
+        torch.testing.assert_close(got["eigs"][name], e, rtol=0, atol=1e-12 * e.max().item())
 
 
 def test_alpha_pruning_same_with_either_method(tmp_path, monkeypatch, samples):

@@ -139,14 +139,16 @@ def block_weights(model, adapter) -> list[tuple[str, torch.Tensor]]:
 
 def model_spectra(model, adapter, device: torch.device | str = "cpu", use_cache: bool = True,
                   precision: str = "float64", lazy_weights=None, lazy_key: str | None = None,
-                  streams: int | None = None, method: str = "auto") -> dict:
+                  streams: int | None = None, method: str = "auto", band: int | None = None,
+                  batch: int | None = None) -> dict:
     """Eigenvalues (ascending, float64, CPU) of every prunable weight, {full name: tensor}, the seconds
     spent computing them (0 on a cache hit) and the seconds spent on the cache key.
     precision: "float64" or "float32" (esd_precision picks one from PruneConfig.esd_dtype).
     lazy_weights: a callable yielding (name, weight) one at a time (blocks on disk), with `lazy_key`
     identifying the checkpoint; the weights are then read, and eigen-solved, one by one.
     streams: eigensolves at once (esd_eigenvalues_batched); default esd_streams().
-    method: the eigensolver (esd.esd_method): "auto", "eigvalsh" or "two_stage"."""
+    method: the eigensolver (esd.esd_method): "auto", "eigvalsh" or "two_stage"; band, batch: the two-stage
+    path's half-width and Grams at once (esd_eigenvalues_batched; None: its defaults)."""
     precision = esd_precision(precision, "alpha_peak")  # validated before any work; "auto" -> float64
     weights = None if lazy_weights is not None else block_weights(model, adapter)
     start = time.perf_counter()
@@ -162,9 +164,10 @@ def model_spectra(model, adapter, device: torch.device | str = "cpu", use_cache:
     if weights is not None:
         eigs = dict(zip([name for name, _ in weights],
                         esd_eigenvalues_batched([w for _, w in weights], precision, device, streams=streams,
-                                                method=method, timings=timings)))
+                                                method=method, band=band, batch=batch, timings=timings)))
     else:
-        eigs = {name: esd_eigenvalues_batched([w], precision, device, method=method)[0] for name, w in lazy_weights()}
+        eigs = {name: esd_eigenvalues_batched([w], precision, device, method=method, band=band)[0]
+                for name, w in lazy_weights()}
     seconds = time.perf_counter() - start
     if path:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -172,6 +175,12 @@ def model_spectra(model, adapter, device: torch.device | str = "cpu", use_cache:
         torch.save(eigs, tmp)
         os.replace(tmp, path)
     return {"eigs": eigs, "seconds": seconds, "cached": False, "key_seconds": key_seconds, "timings": timings}
+
+
+def esd_options(config) -> dict:
+    """model_spectra's eigensolver keywords from a PruneConfig: --esd-method, --esd-band, --esd-batch."""
+    return {"method": getattr(config, "esd_method", "auto"), "band": getattr(config, "esd_band", None),
+            "batch": getattr(config, "esd_batch", 0) or None}
 
 
 def esd_precision(esd_dtype: str, metric: str) -> str:
@@ -233,7 +242,7 @@ def alpha(ctx) -> Allocation:
     spectra = model_spectra(ctx.model, ctx.adapter, ctx.compute.device,
                             precision=esd_precision(getattr(config, "esd_dtype", "auto"), config.alpha_metric),
                             lazy_weights=lazy[0] if lazy else None, lazy_key=lazy[1] if lazy else None,
-                            method=getattr(config, "esd_method", "auto"))
+                            **esd_options(config))
     start = time.perf_counter()
     alphas = layer_alphas(spectra["eigs"], config.alpha_metric, config.alpha_reference_quirk, ctx.compute.device)
     fit_seconds = time.perf_counter() - start
