@@ -72,6 +72,29 @@ def svd_eigenvalues(weights, device) -> list[torch.Tensor]:
     return [(torch.linalg.svdvals(w.to(device, torch.float32)).double().flip(0) ** 2).cpu() for w in weights]
 
 
+def launch_probe(device, ops: int = 2000, panels: int = 4, batch: int = 32, rows: int = 4096, band: int = 16) -> dict:
+    """Microseconds a small op costs (an in-place add on a (batch, rows) tensor, `ops` times, then one
+    synchronisation), and a band-reduction panel's column (`panels` Householder panels of `band`
+    columns on a (batch, rows, band) panel): where the two-stage ESD's device time goes."""
+    from prunekit.allocation.band import _householder_panel
+    from prunekit.execution.precision import synchronize
+
+    device = torch.device(device)
+    x = torch.zeros(batch, rows, dtype=torch.float64, device=device)
+    panel = torch.randn(batch, rows, band, dtype=torch.float64, device=device)
+    out = {}
+    for name, fn, calls, per_call in (("small op us", lambda: x.add_(1.0), ops, 1),
+                                      ("panel column us", lambda: _householder_panel(panel.clone(), band), panels, band)):
+        fn()
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        out[name] = (time.perf_counter() - start) / (calls * per_call) * 1e6
+    return out
+
+
 def alphas(eigs: list[torch.Tensor], device="cpu") -> torch.Tensor:
     return torch.tensor([[alpha_peak(e.to(device)), alpha_mid(e.to(device))] for e in eigs], dtype=torch.float64)
 
@@ -93,6 +116,9 @@ def main():
     ap.add_argument("--bands", type=int, nargs="+", default=[],
                     help="also time the two-stage float64 ESD (band.py) with each of these half-bandwidths")
     ap.add_argument("--batch", type=int, default=None, help="Grams per two-stage batch (default: esd.py's)")
+    ap.add_argument("--launch-probe", action="store_true",
+                    help="also time one small op and one band-reduction column step on the device (the two-stage "
+                         "path's per-kernel cost)")
     ap.add_argument("--svd32", action="store_true", help="also float32 svdvals (the reference's own path)")
     ap.add_argument("--skip-byte-key", action="store_true", help="do not time the old blake2b key")
     ap.add_argument("--key-threads", type=int, nargs="+", default=[],
@@ -138,6 +164,9 @@ def main():
         finally:
             torch.set_num_threads(threads)
         print(f"cache key with {t} threads: {key_by_threads[t]:.3f} s (best of 3)", flush=True)
+    probe = launch_probe(args.device) if args.launch_probe else None
+    if probe:
+        print(f"launch probe on {args.device}: {probe}", flush=True)
     if args.key_only:
         write_results(args.out, [], {**meta(), "source": source, "matrices": len(weights), "weights": numel,
                                      "key_seconds": key_seconds, "key_seconds_by_threads": key_by_threads})
@@ -203,7 +232,8 @@ def main():
                                    "key_seconds_by_threads": key_by_threads,
                                    "key_device_seconds": key_device_seconds, "fit_seconds": fit_seconds,
                                    "fit_device_seconds": fit_device_seconds,
-                                   "byte_key_seconds": byte_seconds, "two_stage": two_stage, "table": table})
+                                   "byte_key_seconds": byte_seconds, "two_stage": two_stage,
+                                   "launch_probe": probe, "table": table})
 
 
 if __name__ == "__main__":
