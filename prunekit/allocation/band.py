@@ -12,6 +12,11 @@ transformations in float64: the eigenvalues are backward stable, like eigvalsh's
 
 band_reduce is a pure function on tensors (any device); band_eigvalsh calls LAPACK through SciPy's
 Cython LAPACK table with ctypes, which releases the GIL, so threads run in parallel.
+
+Measured on an H100 with 16 host cores (README, "AlphaPruning's ESD on the GPU"): the device half
+is bound by its ~15 kernel launches a column (~2.4 s a batch of 32 Grams of 4096, whatever b), the
+host half by dsbev (~1.5 s a matrix a thread at b = 16); LLaMA-7B's 224 Grams took 22.0 s against
+cuSOLVER's 26.7 s.
 """
 
 import ctypes
@@ -19,7 +24,7 @@ import functools
 
 import torch
 
-BAND = 16  # half-bandwidth: a wider band costs the host more (O(n^2 b)) than it saves the device
+BAND = 16  # half-bandwidth (--esd-band): narrower moves work from the host's LAPACK (O(n^2 b)) to the device
 
 
 def _householder_panel(P: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
