@@ -292,6 +292,25 @@ def test_first_upload_overlaps_the_capture_where_nothing_changes_the_blocks(
     assert (first < events.index("capture")) == early
 
 
+@pytest.mark.parametrize("allocation, before", [("alpha", True), ("uniform", True), ("owl", False)])
+def test_an_allocation_from_the_weights_alone_runs_before_the_capture(allocation, before, samples, monkeypatch,
+                                                                       tmp_path):
+    """AlphaPruning (and uniform) allocate before the block-0 inputs are captured, so the ESD's Gram
+    matrices and the captured inputs are never on the device together; OWL, which runs dense passes
+    over those inputs, allocates after the capture and sees them."""
+    from prunekit.execution import loop
+    monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path))
+    events = []
+    capture, allocate = loop.capture_block_inputs, loop.allocate
+    monkeypatch.setattr(loop, "capture_block_inputs", lambda *a, **k: events.append("capture") or capture(*a, **k))
+    monkeypatch.setattr(loop, "allocate", lambda name, ctx: events.append(("allocate", ctx.inputs is None))
+                        or allocate(name, ctx))
+    report = prune(tiny_model("llama"), PruneConfig(method="wanda", allocation=allocation, nsamples=8, seqlen=32,
+                                                    dtype="float32", device="cpu"), samples)
+    assert events == ([("allocate", True), "capture"] if before else ["capture", ("allocate", False)])
+    assert report.sparsity == pytest.approx(0.5, abs=0.02)
+
+
 @pytest.mark.parametrize("offload", ["none", "weights"])
 def test_streamer_brings_blocks_back_after_an_error(samples, offload, fake_cuda_streamer):
     """A prune that stops on an error (a NaN in block 0) leaves no block on the device: every

@@ -399,21 +399,19 @@ class BlockLoop:
             # on the device, no bias is added): its upload (and, first time, the staging memory's
             # page-locking) overlaps the input capture instead of following it
             self.streamer.start(first)
+        self.start = first
+        # an allocation from the weights alone (AlphaPruning) runs before the capture, so that its working
+        # memory (the ESD's Gram matrices) and the captured inputs are never on the device together
+        weights_only = not needs_data(config.allocation)
+        if not self.start and weights_only:
+            self.allocate(None)
         if self.needs_inputs:
             with self.phases("capture"):
                 self.acts = inputs.clone() if inputs is not None else capture_block_inputs(
                     model, adapter, samples, self.plan.batch_size, self.compute, home=self.plan.activations,
                     scratch=self.scratch)
-        self.start = first
-        if not self.start:
-            if config.allocation != "uniform":
-                with self.phases.host("weights in (host)"):
-                    self.streamer.install_all()  # plan `device`: the allocation sees every weight there
-            ctx = AllocationContext(model, adapter, config, self.compute, self.acts, self.streamer)
-            with self.phases("allocation"):
-                self.alloc = allocate(config.allocation, ctx)
-                if config.nm is not None:
-                    _nm_targets(self.alloc, ctx)
+        if not self.start and not weights_only:
+            self.allocate(self.acts)
         prepare_biases(model, adapter, self.scorer)
         if self.start:  # resume: the finished blocks, the next block's inputs, the allocation
             self.alloc, self.counts, self.errors = self.checkpoint.restore(
@@ -428,6 +426,19 @@ class BlockLoop:
         if config.record_error and self.acts is not None:
             self.dense = self.acts.clone()
         self.streamer.start(self.start)
+
+    def allocate(self, acts: Activations | None) -> None:
+        """The per-block sparsities (self.alloc), from the weights and, for an allocation that needs
+        data (OWL), dense passes over the captured inputs `acts`."""
+        config = self.config
+        if config.allocation != "uniform":
+            with self.phases.host("weights in (host)"):
+                self.streamer.install_all()  # plan `device`: the allocation sees every weight there
+        ctx = AllocationContext(self.model, self.adapter, config, self.compute, acts, self.streamer)
+        with self.phases("allocation"):
+            self.alloc = allocate(config.allocation, ctx)
+            if config.nm is not None:
+                _nm_targets(self.alloc, ctx)
 
     def prune_block(self, i: int, block: nn.Module) -> None:
         """Statistics pass, masks (once, on rank 0), pruned pass making the next block's inputs."""
