@@ -1,5 +1,6 @@
 """The two-stage ESD (prunekit/allocation/band.py): dense -> band by blocked Householder, band -> eigenvalues by
 LAPACK dsbev on host threads; against torch.linalg.eigvalsh on tiny exact cases."""
+import itertools
 import sys
 import threading
 import time
@@ -119,8 +120,33 @@ def test_two_stage_esd_matches_eigvalsh(batch):
         assert a.dtype == torch.float64 and a.device.type == "cpu" and a.shape == (min(w.shape),)
         assert torch.all(a[1:] >= a[:-1]) and torch.all(a >= 0)
         torch.testing.assert_close(a, e, rtol=0, atol=1e-12 * e.max().item())
-    assert timings["band"] == 4 and timings["host_threads"] >= 1
+    assert timings["band"] == 4 and timings["host_threads"] >= 1 and timings["fallbacks"] == 0
     assert 0 <= timings["device_seconds"] <= timings["seconds"]
+
+
+@pytest.mark.parametrize("corrupt", [lambda e: e * 1.001, lambda e: e.flip(0) * 0 + e.mean(),
+                                     lambda e: torch.full_like(e, float("nan"))])
+def test_two_stage_result_failing_its_invariants_falls_back_to_eigvalsh(corrupt, monkeypatch):
+    """A band-stage result whose sum or sum of squares is not its Gram's trace or squared Frobenius
+    norm (scaled, flattened to its mean, NaN) is recomputed by eigvalsh, and counted."""
+    g = torch.Generator().manual_seed(5)
+    ws = [torch.randn(30, 50, generator=g) for _ in range(3)]
+    calls, order = [], itertools.count()  # next() is atomic: the pool's threads each get their own number
+    solve = band_mod.band_eigvalsh
+
+    def flaky(band):
+        k = next(order)
+        calls.append(k)
+        e = solve(band)
+        return corrupt(e) if k == 1 else e
+
+    monkeypatch.setattr(band_mod, "band_eigvalsh", flaky)
+    timings = {}
+    got = esd_eigenvalues_batched(ws, "float64", "cpu", method="two_stage", band=4, batch=1, timings=timings)
+    ref = esd_eigenvalues_batched(ws, "float64", "cpu", method="eigvalsh")
+    assert timings["fallbacks"] == 1 and len(calls) == 3
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-12 * e.max().item())
 
 
 def test_esd_method_choice(monkeypatch):

@@ -28,6 +28,7 @@ TWO_STAGE_MIN_COUNT = 8  # ... given this many such Grams at once (a batch of on
 TWO_STAGE_MIN_THREADS = 16  # ... and this many host threads for LAPACK's band stage (it is host-bound: below)
 TWO_STAGE_BATCH = 32  # Grams band-reduced at once (fewer kernel launches per matrix) ...
 TWO_STAGE_BYTES = 1 << 32  # ... within this many bytes, and half the free GPU memory
+TWO_STAGE_CHECK = 1e-9  # relative tolerance of the two-stage result's invariants (sum and sum of squares)
 
 
 def resolve_precision(precision: str, metric: str = "alpha_peak") -> str:
@@ -177,7 +178,10 @@ def _two_stage(weights: list[torch.Tensor], device: torch.device, out: list, ban
     """esd_eigenvalues_batched's two-stage path: Grams of one size, `batch` at a time, are formed and
     band-reduced on `device` (band.band_reduce, float64); each batch's bands (n x (b+1) numbers a matrix)
     come to the host, where a pool of threads, one per core, runs LAPACK dsbev on them while the device
-    reduces the next batch (one core is left to the thread that launches the device's kernels)."""
+    reduces the next batch (one core is left to the thread that launches the device's kernels).
+    Each result is checked against two invariants of its Gram matrix G, sum(lambda) = trace(G) and
+    sum(lambda^2) = ||G||_F^2, to TWO_STAGE_CHECK relative; one that fails (or is not finite) is
+    recomputed by eigvalsh, and `timings["fallbacks"]` counts them."""
     from concurrent.futures import ThreadPoolExecutor
 
     by_size = defaultdict(list)
@@ -188,7 +192,7 @@ def _two_stage(weights: list[torch.Tensor], device: torch.device, out: list, ban
         budget = min(budget, torch.cuda.mem_get_info(device)[0] // 2)
     start, device_seconds, batches = time.perf_counter(), 0.0, []
     threads = max(1, _host_threads() - (device.type == "cuda"))
-    futures = {}
+    futures, invariants, fallbacks = {}, {}, []
     with ThreadPoolExecutor(threads, thread_name_prefix="prunekit-band") as pool:
         for n, idx in by_size.items():
             step = batch or max(1, min(TWO_STAGE_BATCH, budget // (n * n * 8)))
@@ -201,18 +205,39 @@ def _two_stage(weights: list[torch.Tensor], device: torch.device, out: list, ban
                     w = weights[i].detach().to(device).to(torch.float64)
                     torch.matmul(w, w.mT, out=grams[b]) if w.shape[0] <= w.shape[1] else torch.matmul(w.mT, w, out=grams[b])
                     del w
+                # the invariants, before band_reduce overwrites the Grams: trace and squared Frobenius norm
+                norms = torch.stack([torch.diagonal(grams, dim1=1, dim2=2).sum(-1),
+                                     torch.linalg.vector_norm(grams, dim=(1, 2)).square()], 1)
                 bands = _band.band_reduce(grams, band).cpu()  # waits for this batch; the pool works on the last
                 del grams
+                for b, i in enumerate(part):
+                    invariants[i] = norms[b].cpu()
                 device_seconds += time.perf_counter() - t
                 for b, i in enumerate(part):
                     futures[i] = pool.submit(_band.band_eigvalsh, bands[b])
         waited = time.perf_counter()
         for i, future in futures.items():
-            out[i] = future.result().clamp_min_(0.0)
+            eigs = future.result()
+            if not _invariants_hold(eigs, invariants[i]):
+                fallbacks.append(i)
+                eigs = esd_eigenvalues_batched([weights[i]], "float64", device, method="eigvalsh")[0]
+            out[i] = eigs.clamp_min_(0.0)
     if timings is not None:
         timings.update(device_seconds=device_seconds, host_tail_seconds=time.perf_counter() - waited,
                        seconds=time.perf_counter() - start, host_threads=threads, batches=batches,
-                       band=_band.BAND if band is None else band)
+                       band=_band.BAND if band is None else band, fallbacks=len(fallbacks))
+
+
+def _invariants_hold(eigs: torch.Tensor, norms: torch.Tensor) -> bool:
+    """sum(eigs) = trace and sum(eigs^2) = squared Frobenius norm (norms = [trace, fro^2]) of the matrix
+    they came from, to TWO_STAGE_CHECK relative to ||G||_F (trace may be ~0 for an indefinite matrix)."""
+    trace, fro2 = norms.tolist()
+    scale = max(fro2, torch.finfo(torch.float64).tiny) ** 0.5
+    if not torch.isfinite(eigs).all():
+        return False
+    ok_sum = abs(eigs.sum().item() - trace) <= TWO_STAGE_CHECK * scale * eigs.numel() ** 0.5
+    ok_squares = abs(eigs.square().sum().item() - fro2) <= TWO_STAGE_CHECK * fro2
+    return ok_sum and ok_squares
 
 
 def _solve_concurrently(solve, parts: list, streams: int, device: torch.device) -> None:
