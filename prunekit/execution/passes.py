@@ -182,7 +182,7 @@ def run_block(block: nn.Module, inputs: Activations, compute: Compute, outputs: 
         for sl, h in inputs.batches(compute.device):
             args, kwargs = inputs.extra[sl.start // inputs.batch_size]
             try:
-                out = compute.call(block, compute.hidden(h), compute.tree(args, memo), compute.tree(kwargs, memo))
+                out = block(compute.hidden(h), *compute.tree(args, memo), **compute.tree(kwargs, memo))
             except StopForward:
                 continue
             out = out[0] if isinstance(out, (tuple, list)) else out

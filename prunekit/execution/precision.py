@@ -52,11 +52,11 @@ def _llama_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def fused_norms(module: nn.Module, device: torch.device, enabled: bool = True):
-    """Inside, every LLAMA_RMS_NORMS module of `module` runs _llama_rms_norm (when `enabled`, where
-    FUSED_NORM_DEVICES says so); after, its own forward again, also after an error."""
+def fused_norms(module: nn.Module, device: torch.device):
+    """Inside, every LLAMA_RMS_NORMS module of `module` runs _llama_rms_norm (where FUSED_NORM_DEVICES
+    says so); after, its own forward again, also after an error."""
     swapped = []
-    if enabled and device.type in FUSED_NORM_DEVICES:
+    if device.type in FUSED_NORM_DEVICES:
         # not a forward someone else set on the instance (accelerate's hooks, hub kernels): that one stays
         swapped = [m for m in module.modules() if type(m).__name__ in LLAMA_RMS_NORMS
                    and type(m).__module__.startswith("transformers.") and "forward" not in m.__dict__]
@@ -120,13 +120,13 @@ def _is_llamas_rope(module) -> bool:
 
 
 @contextlib.contextmanager
-def lean_rope(device: torch.device, enabled: bool = True):
-    """Inside, the LLAMA_ROPE_MODULES already imported apply rotary embeddings with _llama_rope (when
-    `enabled`, where LEAN_ROPE_DEVICES says so); after, their own function again, also after an error.
+def lean_rope(device: torch.device):
+    """Inside, the LLAMA_ROPE_MODULES already imported apply rotary embeddings with _llama_rope (where
+    LEAN_ROPE_DEVICES says so); after, their own function again, also after an error.
     A module-level swap: the passes run one block at a time on one thread."""
     import sys
     swapped = []
-    if enabled and device.type in LEAN_ROPE_DEVICES:
+    if device.type in LEAN_ROPE_DEVICES:
         for name in LLAMA_ROPE_MODULES:
             module = sys.modules.get(name)
             if module is not None and module.apply_rotary_pos_emb is not _llama_rope and _is_llamas_rope(module):
@@ -218,7 +218,7 @@ class Compute:
         return self.store or self.dtype
 
     @contextlib.contextmanager
-    def run(self, module: nn.Module, exclude: nn.Module | None = None, lower: bool = True):
+    def run(self, module: nn.Module, exclude: nn.Module | None = None):
         """Run `module` (a block or a whole model) in this precision, gradients off.
 
         float32: floating parameters of another dtype point to float32 copies while inside.
@@ -226,8 +226,8 @@ class Compute:
         already in that dtype (embeddings, RMS norms and biases are left alone; autocast handles
         them; LayerNorm parameters get float32 copies).
         On exit every parameter points back to its own data, which pruning edits. `exclude`: a
-        submodule whose parameters are left alone (the blocks, while the embeddings run). `lower`:
-        in mixed precision, hand each matmul its input lowered once (_LowerOnce)."""
+        submodule whose parameters are left alone (the blocks, while the embeddings run). In mixed
+        precision each matmul is handed its input lowered once (_LowerOnce)."""
         saved, handles = [], []
         skip = {id(p) for p in exclude.parameters()} if exclude is not None else set()
         params = [p for p in module.parameters() if p.is_floating_point() and id(p) not in skip]
@@ -245,7 +245,7 @@ class Compute:
         for p, dtype in wanted:
             saved.append((p, p.data))
             p.data = p.data.to(dtype)
-        if self.mixed and lower:
+        if self.mixed:
             matmul_weights = {id(p) for p in params if p.dim() >= 2 and p.dtype == self.dtype}
             lowering = _LowerOnce(self.dtype)
             handles = [m.register_forward_pre_hook(lowering) for m in module.modules()
@@ -260,10 +260,6 @@ class Compute:
                 h.remove()
             for p, data in saved:
                 p.data = data
-
-    def call(self, block: nn.Module, h: torch.Tensor, args: tuple, kwargs: dict):
-        """One forward of `block` on a batch."""
-        return block(h, *args, **kwargs)
 
     def hidden(self, h: torch.Tensor) -> torch.Tensor:
         """The residual stream enters a block as float32 (autocast lowers it where a matmul reads it),
