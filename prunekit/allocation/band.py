@@ -120,7 +120,7 @@ def band_eigvalsh(band: torch.Tensor) -> torch.Tensor:
     if f is None:
         raise RuntimeError("the two-stage ESD needs SciPy's LAPACK: pip install scipy")
     n, ldab = band.shape
-    ab = band.detach().to("cpu", torch.float64).contiguous().clone()  # dsbev overwrites it
+    ab = band.detach().to("cpu", torch.float64, memory_format=torch.contiguous_format, copy=True)  # dsbev overwrites it
     w = torch.empty(n, dtype=torch.float64)
     work = torch.empty(max(1, 3 * n - 2), dtype=torch.float64)
     z = torch.empty(1, dtype=torch.float64)

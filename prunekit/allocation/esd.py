@@ -51,9 +51,9 @@ def resolve_precision(precision: str, metric: str = "alpha_peak") -> str:
     return "float32" if metric == "alpha_mid" else "float64"
 
 
-def _gram(w: torch.Tensor) -> torch.Tensor:
+def _gram(w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     # the smaller of W W^T and W^T W: both hold the min(rows, cols) values sigma_k^2
-    return w @ w.mT if w.shape[-2] <= w.shape[-1] else w.mT @ w
+    return torch.matmul(w, w.mT, out=out) if w.shape[-2] <= w.shape[-1] else torch.matmul(w.mT, w, out=out)
 
 
 @contextlib.contextmanager
@@ -202,18 +202,16 @@ def _two_stage(weights: list[torch.Tensor], device: torch.device, out: list, ban
                 t = time.perf_counter()
                 grams = torch.empty((len(part), n, n), dtype=torch.float64, device=device)
                 for b, i in enumerate(part):
-                    w = weights[i].detach().to(device).to(torch.float64)
-                    torch.matmul(w, w.mT, out=grams[b]) if w.shape[0] <= w.shape[1] else torch.matmul(w.mT, w, out=grams[b])
-                    del w
+                    _gram(weights[i].detach().to(device).to(torch.float64), out=grams[b])
                 # the invariants, before band_reduce overwrites the Grams: trace and squared Frobenius norm
                 norms = torch.stack([torch.diagonal(grams, dim1=1, dim2=2).sum(-1),
                                      torch.linalg.vector_norm(grams, dim=(1, 2)).square()], 1)
                 bands = _band.band_reduce(grams, band).cpu()  # waits for this batch; the pool works on the last
                 del grams
-                for b, i in enumerate(part):
-                    invariants[i] = norms[b].cpu()
+                norms = norms.cpu()
                 device_seconds += time.perf_counter() - t
                 for b, i in enumerate(part):
+                    invariants[i] = norms[b]
                     futures[i] = pool.submit(_band.band_eigvalsh, bands[b])
         waited = time.perf_counter()
         for i, future in futures.items():
