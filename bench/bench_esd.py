@@ -169,7 +169,8 @@ def main():
         print(f"launch probe on {args.device}: {probe}", flush=True)
     if args.key_only:
         write_results(args.out, [], {**meta(), "source": source, "matrices": len(weights), "weights": numel,
-                                     "key_seconds": key_seconds, "key_seconds_by_threads": key_by_threads})
+                                     "key_seconds": key_seconds, "key_seconds_by_threads": key_by_threads,
+                                     "launch_probe": probe})
         return
 
     ref_eigs, ref_seconds = timed(lambda *a: esd_eigenvalues_batched(*a, method="eigvalsh"), weights, "float64",
