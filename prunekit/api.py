@@ -268,7 +268,7 @@ def prune_model(model: str, config: PruneConfig, calib: str | None = "wikitext2"
     """Prune the model named by `model` (folder, .gguf, hub id or alias); return (run record, pruned model)."""
     from .execution import distributed
     build_scorer(config)  # unknown method: fail before loading anything
-    distributed.init_from_env(config.device)
+    joined = distributed.init_from_env(config.device)
     rank, size = distributed.world()
     if size > 1:
         if config.offload == "disk":
@@ -279,9 +279,12 @@ def prune_model(model: str, config: PruneConfig, calib: str | None = "wikitext2"
             eval, tasks, out, eval_dense = None, None, None, False
     if out:
         check_output_dir(out, overwrite)
-    return Workspace(model, config.offload, config.gguf_cache, encoding).run(
+    result = Workspace(model, config.offload, config.gguf_cache, encoding).run(
         config, calib, eval, eval_seqlen, eval_windows_max, eval_dense, out, overwrite, tasks, limit,
         in_place=True, log=log)
+    if joined:
+        distributed.finish()
+    return result
 
 
 def evaluate_model(model: str, eval=None, seqlen: int = 2048, max_windows: int | None = None,

@@ -238,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                                         eval_seqlen=run["eval_seqlen"], eval_windows_max=run["eval_windows"],
                                         eval_dense=args.eval_dense, out=args.out, overwrite=args.overwrite,
                                         tasks=_tasks(args.tasks), limit=args.limit, encoding=args.encoding)
-            from .execution.distributed import world
-            if world()[0] != 0:  # torchrun: rank 0 reports and writes
+            from .execution.distributed import launched_rank
+            if launched_rank() != 0:  # torchrun: rank 0 reports and writes
                 return 0
             print(_summary(record))
         elif args.command == "analyze":

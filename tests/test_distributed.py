@@ -33,6 +33,7 @@ def test_two_ranks_equal_one_process(method, tiny_dir, corpus_file, tmp_path):
                           "--out", str(tmp_path / "two"), "--json", str(tmp_path / "two.json")],
                          capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("sparsity") == 1, two.stdout  # rank 0 alone reports (and writes --json)
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for k in a:
         if k.endswith("weight") and ".layers." in k and "norm" not in k:
@@ -86,3 +87,35 @@ sys.exit(main(sys.argv[1:]))
     assert whole.returncode == 0, whole.stderr[-3000:]
     a, b = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prune_model_leaves_the_group_it_made(tiny_dir, corpus_file, tmp_path):
+    """Under torchrun, prune_model leaves the gloo group it joined once its collectives are done (a
+    group left to the interpreter's exit can abort the process: SIGABRT, pytorch/pytorch#190489), and
+    keeps a group the caller made itself."""
+    model = tiny_dir()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "api.py"
+    script.write_text(f"""
+import os, sys
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+from prunekit.api import prune_model
+from prunekit.config import PruneConfig
+own = sys.argv[1] == "own"
+if own:
+    dist.init_process_group("gloo")
+config = PruneConfig(method="wanda", nsamples=4, seqlen=32, device="cpu")
+prune_model({model!r}, config, calib={corpus_file!r})
+with open(os.path.join({str(tmp_path)!r}, sys.argv[1] + os.environ["RANK"]), "w") as f:
+    f.write(str(dist.is_initialized()))
+if own:
+    dist.destroy_process_group()
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for mode, expected in (("api", "False"), ("own", "True")):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                              "--master-port", free_port(), str(script), mode],
+                             capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert [(tmp_path / f"{mode}{rank}").read_text() for rank in (0, 1)] == [expected] * 2, mode

@@ -16,19 +16,40 @@ import torch.distributed as dist
 from ..stats import chan_merge
 
 
-def init_from_env(device: str = "auto") -> None:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); a no-op otherwise."""
+def init_from_env(device: str = "auto") -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); a no-op otherwise. True when this
+    call made the group (its caller then leaves it with `finish`); a group the caller's own code made
+    is used as it is and left to that code."""
     if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         cuda = torch.cuda.is_available() and device != "cpu"
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
+        return True
+    return False
+
+
+def finish() -> None:
+    """Leave the process group once this rank's collectives are done. A gloo group left for the
+    interpreter's exit to tear down can abort the process (SIGABRT, "terminate called without an
+    active exception": its worker threads still hold tensors while Python shuts down; see
+    pytorch/pytorch#190489). Called on success only: after an error another rank may still be
+    inside a collective, and destroying the group under it can hang."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def launched_rank() -> int:
+    """This process's rank as torchrun numbered it (0 outside torchrun); still known after `finish`."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
 def shard(samples: torch.Tensor) -> torch.Tensor:
