@@ -95,6 +95,31 @@ def launch_probe(device, ops: int = 2000, panels: int = 4, batch: int = 32, rows
     return out
 
 
+def host_floor(weight: torch.Tensor, device, bands: list[int]) -> dict:
+    """The two-stage ESD's host half, alone: one Gram of `weight` band-reduced on `device` at each b, then
+    as many concurrent LAPACK dsbev calls on its band as the ESD runs host threads (all busy, as they are
+    in a prune); seconds per round = per matrix per thread. b = 1 is a tridiagonal matrix: dsbev is then
+    dsterf, the eigenvalues alone, the floor any band width pays. The host half of a model's ESD is about
+    matrices x (seconds per round) / threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prunekit.allocation import band as _band
+    from prunekit.allocation.esd import _gram, _host_threads
+
+    device = torch.device(device)
+    threads = max(1, _host_threads() - (device.type == "cuda"))
+    gram = _gram(weight.detach().to(device).to(torch.float64))
+    rounds = {}
+    with ThreadPoolExecutor(threads) as pool:
+        for b in sorted({1, *bands}):
+            band = _band.band_reduce(gram.clone()[None], b)[0].cpu()
+            list(pool.map(_band.band_eigvalsh, [band] * threads))  # warm: every thread's first call
+            start = time.perf_counter()
+            list(pool.map(_band.band_eigvalsh, [band] * threads))
+            rounds[b] = time.perf_counter() - start
+    return {"threads": threads, "n": gram.shape[0], "seconds_per_round": rounds}
+
+
 def alphas(eigs: list[torch.Tensor], device="cpu") -> torch.Tensor:
     return torch.tensor([[alpha_peak(e.to(device)), alpha_mid(e.to(device))] for e in eigs], dtype=torch.float64)
 
@@ -119,6 +144,8 @@ def main():
     ap.add_argument("--launch-probe", action="store_true",
                     help="also time one small op and one band-reduction column step on the device (the two-stage "
                          "path's per-kernel cost)")
+    ap.add_argument("--host-floor", action="store_true",
+                    help="time the two-stage host half alone (dsbev at b = 1 and each --bands, all host threads busy)")
     ap.add_argument("--svd32", action="store_true", help="also float32 svdvals (the reference's own path)")
     ap.add_argument("--skip-byte-key", action="store_true", help="do not time the old blake2b key")
     ap.add_argument("--key-threads", type=int, nargs="+", default=[],
@@ -167,10 +194,17 @@ def main():
     probe = launch_probe(args.device) if args.launch_probe else None
     if probe:
         print(f"launch probe on {args.device}: {probe}", flush=True)
+    floor = None
+    if args.host_floor:
+        floor = host_floor(max(weights, key=lambda w: min(w.shape)), args.device, args.bands)
+        for b, seconds in floor["seconds_per_round"].items():
+            print(f"host dsbev, {floor['n']} wide, b = {b}: {seconds:.3f} s a matrix a thread with {floor['threads']} "
+                  f"threads busy; {len(weights)} matrices: ~{len(weights) * seconds / floor['threads']:.2f} s",
+                  flush=True)
     if args.key_only:
         write_results(args.out, [], {**meta(), "source": source, "matrices": len(weights), "weights": numel,
                                      "key_seconds": key_seconds, "key_seconds_by_threads": key_by_threads,
-                                     "launch_probe": probe})
+                                     "launch_probe": probe, "host_floor": floor})
         return
 
     ref_eigs, ref_seconds = timed(lambda *a: esd_eigenvalues_batched(*a, method="eigvalsh"), weights, "float64",
@@ -234,7 +268,7 @@ def main():
                                    "key_device_seconds": key_device_seconds, "fit_seconds": fit_seconds,
                                    "fit_device_seconds": fit_device_seconds,
                                    "byte_key_seconds": byte_seconds, "two_stage": two_stage,
-                                   "launch_probe": probe, "table": table})
+                                   "launch_probe": probe, "host_floor": floor, "table": table})
 
 
 if __name__ == "__main__":
