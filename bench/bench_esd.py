@@ -11,6 +11,7 @@ writes bench/results/esd.json. On a shared CPU, OMP_NUM_THREADS=1 gives steadier
     python bench/bench_esd.py --random small --layers 2        # the same on a CPU, small shapes
     python bench/bench_esd.py --random 7b --layers 2 --device cuda --streams 1 2 4   # eigensolves at once
     python bench/bench_esd.py --random 7b --layers 4 --device cuda --bands 8 16 32   # the two-stage ESD
+    python bench/bench_esd.py --random 7b --layers 1 --host-floor --bands 16 8 --key-only  # its host half alone
 
 Every row but the two-stage ones is torch.linalg.eigvalsh (method "eigvalsh"); the reference is float64
 eigvalsh on --device.
