@@ -12,6 +12,7 @@ writes bench/results/esd.json. On a shared CPU, OMP_NUM_THREADS=1 gives steadier
     python bench/bench_esd.py --random 7b --layers 2 --device cuda --streams 1 2 4   # eigensolves at once
     python bench/bench_esd.py --random 7b --layers 4 --device cuda --bands 8 16 32   # the two-stage ESD
     python bench/bench_esd.py --random 7b --layers 1 --host-floor --bands 16 8 --key-only  # its host half alone
+    python bench/bench_esd.py --random 7b --layers 4 --device cuda --bands 8 --batch 7 --graph  # and CUDA graphs
 
 Every row but the two-stage ones is torch.linalg.eigvalsh (method "eigvalsh"); the reference is float64
 eigvalsh on --device.
@@ -142,6 +143,8 @@ def main():
     ap.add_argument("--bands", type=int, nargs="+", default=[],
                     help="also time the two-stage float64 ESD (band.py) with each of these half-bandwidths")
     ap.add_argument("--batch", type=int, default=None, help="Grams per two-stage batch (default: esd.py's)")
+    ap.add_argument("--graph", action="store_true",
+                    help="each --bands run also with its band reduction replayed from a CUDA graph (--esd-graph)")
     ap.add_argument("--launch-probe", action="store_true",
                     help="also time one small op and one band-reduction column step on the device (the two-stage "
                          "path's per-kernel cost)")
@@ -238,13 +241,15 @@ def main():
     if args.svd32:
         runs["svdvals float32"] = timed(svd_eigenvalues, weights, args.device)
     two_stage = {}
-    for band in args.bands:
-        label, timings = f"float64, two-stage b={band}", {}
+    for band, graph in [(b, g) for b in args.bands for g in ([False, True] if args.graph else [False])]:
+        label, timings = f"float64, two-stage b={band}" + (", graph" if graph else ""), {}
         runs[label] = timed(lambda *a: esd_eigenvalues_batched(*a, method="two_stage", band=band, batch=args.batch,
-                                                               timings=timings), weights, "float64", args.device)
+                                                               timings=timings, graph=graph),
+                            weights, "float64", args.device)
         two_stage[label] = timings
         print(f"{label}: {timings['seconds']:.2f} s: device band reduction (and the Grams) "
-              f"{timings['device_seconds']:.2f} s, then {timings['host_tail_seconds']:.2f} s waiting for "
+              f"{timings['device_seconds']:.2f} s (graph {timings['graph']}, capture "
+              f"{timings['graph_capture_seconds']:.2f} s), then {timings['host_tail_seconds']:.2f} s waiting for "
               f"{timings['host_threads']} host threads' LAPACK dsbev", flush=True)
 
     rows = []

@@ -171,7 +171,7 @@ def main(argv=None):
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--runs", nargs="*", default=RUNS,
-                    help="'METHOD [N:M] [ALLOCATION] [--eigvalsh|--two-stage] [--esd-band=B] [--esd-batch=N]' "
+                    help="'METHOD [N:M] [ALLOCATION] [--eigvalsh|--two-stage] [--esd-band=B] [--esd-batch=N] [--esd-graph]' "
                          "(AlphaPruning's esd_method, default auto, and the two-stage ESD's band and batch)")
     ap.add_argument("--offload", nargs="+", default=["auto"], help="plans to time: auto none weights cpu")
     ap.add_argument("--dtype", default="auto")
@@ -246,6 +246,7 @@ def main(argv=None):
                                  activation_dtype=storage, residual_dtype=residual,
                                  esd_method="eigvalsh" if "--eigvalsh" in words else
                                  "two_stage" if "--two-stage" in words else "auto",
+                                 esd_graph="--esd-graph" in words,
                                  **{key: int(w.split("=")[1]) for key in ("esd_band", "esd_batch") for w in words
                                     if w.startswith(f"--{key.replace('_', '-')}=")}, **base)
             if torch.cuda.is_available():

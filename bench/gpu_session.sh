@@ -18,8 +18,9 @@
 #                                     # timed the since-removed --compile, cold and warm: README)
 #   bash bench/gpu_session.sh esd2    # after `remaining` (~5 min): the two-stage ESD's CUDA test, AlphaPruning end to end
 #                                     # beside Wanda and STADE, the two-stage ESD by band width against eigvalsh, plan 2
-#   bash bench/gpu_session.sh esd3    # next (~6 min): the device's cost per small op and per band-reduction column,
-#                                     # the host's dsbev per band width, then whole-model AlphaPruning at --esd-band 16, 8 and 4 and 32 or 64 Grams at once
+#   bash bench/gpu_session.sh esd3    # next (~7.5 min): the device's cost per small op and per band-reduction column,
+#                                     # the host's dsbev per band width, then whole-model AlphaPruning at --esd-band 16, 8 and 4 and 32 or 64 Grams at once,
+#                                     # eager and replayed from a CUDA graph (--esd-graph)
 #   bash bench/gpu_session.sh targets # the targets in one call (~9 min): CUDA tests, the floor by residual
 #                                     # stream x batch size, then at the fastest batch: Wanda under each plan,
 #                                     # 2:4, STADE, AlphaPruning, SparseGPT (8 blocks), residual bf16 and float32
@@ -110,8 +111,11 @@ if [ "$part" = esd3 ]; then
   # eigenvalues alone) with every host thread busy
   step 70 $PY bench/bench_esd.py --random $SHAPE --layers 1 --device $DEV --precisions float64 --launch-probe \
     --host-floor --bands 16 8 4 2 --key-only --skip-byte-key --out "$OUT/esd_probe.json"
-  step 270 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor --runs wanda "wanda alpha" "wanda alpha --esd-band=8" \
-    "wanda alpha --esd-band=8 --esd-batch=64" "wanda alpha --esd-band=4 --esd-batch=64" --out "$OUT/gpu_alpha_bands.json"
+  # the band reduction replayed from a CUDA graph (--esd-graph): its test, then beside the eager rows
+  step 60 $PY -m pytest -q -p no:cacheprovider tests/test_band.py -k cuda
+  step 330 $PY bench/bench_gpu.py --shape $SHAPE $SIZE --no-floor --runs wanda "wanda alpha" "wanda alpha --esd-band=8" \
+    "wanda alpha --esd-band=8 --esd-graph" "wanda alpha --esd-band=4 --esd-batch=64" \
+    "wanda alpha --esd-band=4 --esd-batch=64 --esd-graph" --out "$OUT/gpu_alpha_bands.json"
   exit 0
 fi
 if [ "$part" = remaining ]; then

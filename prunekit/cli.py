@@ -121,6 +121,8 @@ def _add_allocation_args(p):
                    help="two_stage ESD: the band's half-width (narrower: less host LAPACK work, more GPU work)")
     a.add_argument("--esd-batch", type=int, default=0,
                    help="two_stage ESD: Gram matrices reduced at once on the GPU (0: automatic, up to 32)")
+    a.add_argument("--esd-graph", action="store_true",
+                   help="two_stage ESD on a GPU: replay the band reduction from a CUDA graph (experimental)")
     a.add_argument("--epsilon", type=float, default=0.3, help="AlphaPruning: sparsity spread around the target")
     a.add_argument("--alpha-metric", default="alpha_peak", help="alpha_peak or alpha_mid")
     a.add_argument("--alpha-mapping", default="block_wise", help="block_wise or layer_wise")
@@ -135,7 +137,7 @@ def _allocation_options(args) -> dict:
                 alpha_mapping=args.alpha_mapping, alpha_reference_quirk=args.alpha_reference_quirk,
                 owl_m=args.owl_m, owl_lambda=args.owl_lambda, max_layer_sparsity=args.max_layer_sparsity,
                 esd_dtype=args.esd_dtype, esd_method=args.esd_method, esd_band=args.esd_band,
-                esd_batch=args.esd_batch)
+                esd_batch=args.esd_batch, esd_graph=args.esd_graph)
 
 
 def _config(args) -> PruneConfig:

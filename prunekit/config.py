@@ -79,6 +79,8 @@ class PruneConfig:
     esd_band: int = 16                    # two_stage: the band's half-width (narrower: less host work, more device work)
     esd_batch: int = 0                    # two_stage: Gram matrices reduced at once (0: up to 32, within 4 GiB and half
                                           # the free GPU memory; more: fewer kernel launches a matrix, more memory)
+    esd_graph: bool = False               # two_stage on CUDA: replay the band reduction from a CUDA graph (fewer
+                                          # launches; not the default until measured on a GPU)
     owl_m: float = 5.0
     owl_lambda: float = 0.08
     max_layer_sparsity: float = 0.99
@@ -121,6 +123,8 @@ class PruneConfig:
             raise PrunekitError(f"--esd-band {self.esd_band!r} must be an integer >= 1")
         if not (isinstance(self.esd_batch, int) and self.esd_batch >= 0):
             raise PrunekitError(f"--esd-batch {self.esd_batch!r} must be an integer >= 0 (0: automatic)")
+        if not isinstance(self.esd_graph, bool):
+            raise PrunekitError(f"--esd-graph {self.esd_graph!r} must be true or false")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise PrunekitError(f"device {self.device!r} is not auto, cpu or cuda")
         for name in ("nsamples", "seqlen"):

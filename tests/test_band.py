@@ -182,11 +182,13 @@ def test_config_validates_the_esd_options():
         PruneConfig(esd_band=0)
     with pytest.raises(PrunekitError, match="--esd-batch"):
         PruneConfig(esd_batch=-1)
+    with pytest.raises(PrunekitError, match="--esd-graph"):
+        PruneConfig(esd_graph="yes")
 
 
 def test_esd_band_and_batch_reach_the_eigensolver(tmp_path, monkeypatch):
-    """--esd-band and --esd-batch (CLI -> PruneConfig -> model_spectra) set the two-stage path's band and
-    batches; the eigenvalues stay eigvalsh's."""
+    """--esd-band, --esd-batch and --esd-graph (CLI -> PruneConfig -> model_spectra) set the two-stage
+    path's band, batches and graph replay (which a CPU turns off); the eigenvalues stay eigvalsh's."""
     from conftest import tiny_model
 
     from prunekit.adapters import adapter_for
@@ -194,14 +196,16 @@ def test_esd_band_and_batch_reach_the_eigensolver(tmp_path, monkeypatch):
     from prunekit.cli import _allocation_options, build_parser
 
     args = build_parser().parse_args(["analyze", "--model", "m", "--esd-method", "two_stage", "--esd-band", "3",
-                                      "--esd-batch", "5"])
+                                      "--esd-batch", "5", "--esd-graph"])
     config = PruneConfig(**_allocation_options(args))
-    assert esd_options(config) == {"method": "two_stage", "band": 3, "batch": 5}
+    assert esd_options(config) == {"method": "two_stage", "band": 3, "batch": 5, "graph": True}
+    assert esd_options(PruneConfig())["graph"] is False
     assert esd_options(PruneConfig())["batch"] is None  # 0: automatic
     model, adapter = tiny_model("llama"), adapter_for("llama")
     got = model_spectra(model, adapter, "cpu", use_cache=False, **esd_options(config))
     timings = got["timings"]
     assert timings["band"] == 3 and max(timings["batches"]) == 5 and sum(timings["batches"]) == len(got["eigs"])
+    assert timings["graph"] == "off" and timings["graph_capture_seconds"] == 0  # CUDA graphs: CUDA only
     ref = model_spectra(model, adapter, "cpu", use_cache=False, method="eigvalsh")
     assert ref["timings"] == {}
     for name, e in ref["eigs"].items():
@@ -238,4 +242,27 @@ def test_two_stage_esd_on_cuda_matches_the_host():
     for w, a in zip(ws, got):
         e = esd_eigenvalues_batched([w], "float64", "cpu", method="eigvalsh")[0]
         assert a.device.type == "cpu"
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-12 * e.max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_band_reduce_graph_replays_the_eager_reduction():
+    """A CUDA graph of band_reduce, replayed on new Grams, gives the eager kernels' bands bit for bit;
+    --esd-graph's ESD uses it for a batch shape that recurs and matches the host's eigvalsh."""
+    from prunekit.allocation.band import BandReduceGraph, band_reduce
+
+    g = torch.Generator().manual_seed(5)
+    replay = BandReduceGraph(3, 96, 8, torch.device("cuda"))
+    for _ in range(2):
+        w = torch.randn(3, 130, 96, generator=g, dtype=torch.float64).cuda()
+        grams = w.mT @ w
+        replay.grams.copy_(grams)
+        torch.testing.assert_close(replay(), band_reduce(grams.clone(), 8), rtol=0, atol=0)
+    ws = [torch.randn(300, 200, generator=g).to(torch.bfloat16) for _ in range(12)]
+    timings = {}
+    got = esd_eigenvalues_batched(ws, "float64", "cuda", method="two_stage", band=16, batch=3, timings=timings,
+                                  graph=True)
+    assert timings["graph"] == "on" and timings["graph_capture_seconds"] > 0 and timings["fallbacks"] == 0
+    for w, a in zip(ws, got):
+        e = esd_eigenvalues_batched([w], "float64", "cpu", method="eigvalsh")[0]
         torch.testing.assert_close(a, e, rtol=0, atol=1e-12 * e.max().item())

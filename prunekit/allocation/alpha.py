@@ -140,7 +140,7 @@ def block_weights(model, adapter) -> list[tuple[str, torch.Tensor]]:
 def model_spectra(model, adapter, device: torch.device | str = "cpu", use_cache: bool = True,
                   precision: str = "float64", lazy_weights=None, lazy_key: str | None = None,
                   streams: int | None = None, method: str = "auto", band: int | None = None,
-                  batch: int | None = None) -> dict:
+                  batch: int | None = None, graph: bool = False) -> dict:
     """Eigenvalues (ascending, float64, CPU) of every prunable weight, {full name: tensor}, the seconds
     spent computing them (0 on a cache hit) and the seconds spent on the cache key.
     precision: "float64" or "float32" (esd_precision picks one from PruneConfig.esd_dtype).
@@ -148,7 +148,8 @@ def model_spectra(model, adapter, device: torch.device | str = "cpu", use_cache:
     identifying the checkpoint; the weights are then read, and eigen-solved, one by one.
     streams: eigensolves at once (esd_eigenvalues_batched); default esd_streams().
     method: the eigensolver (esd.esd_method): "auto", "eigvalsh" or "two_stage"; band, batch: the two-stage
-    path's half-width and Grams at once (esd_eigenvalues_batched; None: its defaults)."""
+    path's half-width and Grams at once (esd_eigenvalues_batched; None: its defaults); graph: its band
+    reduction replayed from a CUDA graph (on CUDA)."""
     precision = esd_precision(precision, "alpha_peak")  # validated before any work; "auto" -> float64
     weights = None if lazy_weights is not None else block_weights(model, adapter)
     start = time.perf_counter()
@@ -164,7 +165,8 @@ def model_spectra(model, adapter, device: torch.device | str = "cpu", use_cache:
     if weights is not None:
         eigs = dict(zip([name for name, _ in weights],
                         esd_eigenvalues_batched([w for _, w in weights], precision, device, streams=streams,
-                                                method=method, band=band, batch=batch, timings=timings)))
+                                                method=method, band=band, batch=batch, timings=timings,
+                                                graph=graph)))
     else:
         eigs = {name: esd_eigenvalues_batched([w], precision, device, method=method, band=band)[0]
                 for name, w in lazy_weights()}
@@ -178,9 +180,10 @@ def model_spectra(model, adapter, device: torch.device | str = "cpu", use_cache:
 
 
 def esd_options(config) -> dict:
-    """model_spectra's eigensolver keywords from a PruneConfig: --esd-method, --esd-band, --esd-batch."""
+    """model_spectra's eigensolver keywords from a PruneConfig: --esd-method, --esd-band, --esd-batch,
+    --esd-graph."""
     return {"method": getattr(config, "esd_method", "auto"), "band": getattr(config, "esd_band", None),
-            "batch": getattr(config, "esd_batch", 0) or None}
+            "batch": getattr(config, "esd_batch", 0) or None, "graph": getattr(config, "esd_graph", False)}
 
 
 def esd_precision(esd_dtype: str, metric: str) -> str:

@@ -113,7 +113,8 @@ def esd_method(method: str, precision: str, device: torch.device | str, sizes=()
 def esd_eigenvalues_batched(weights: list[torch.Tensor], precision: str = "float64",
                             device: torch.device | str = "cpu", max_bytes: int = 1 << 31,
                             streams: int = 1, method: str = "auto", band: int | None = None,
-                            batch: int | None = None, timings: dict | None = None) -> list[torch.Tensor]:
+                            batch: int | None = None, timings: dict | None = None,
+                            graph: bool = False) -> list[torch.Tensor]:
     """[esd_eigenvalues(w) for w in weights], computed on `device` a stack of equal shapes at a time.
 
     Weights of one shape (on any device, in any dtype) are copied one by one into a (b, rows, cols)
@@ -126,7 +127,8 @@ def esd_eigenvalues_batched(weights: list[torch.Tensor], precision: str = "float
     max_bytes / streams; every eigenvalue is the one a single stream gives.
     method: "eigvalsh", "two_stage" or "auto" (esd_method); two_stage takes `band` (the half-bandwidth,
     default band.BAND), `batch` (Grams at once, default from TWO_STAGE_BATCH and TWO_STAGE_BYTES) and
-    `timings` (a dict it fills with where its seconds went); max_bytes and streams are eigvalsh's.
+    `timings` (a dict it fills with where its seconds went) and `graph` (on CUDA, replay the band
+    reduction from a CUDA graph, band.BandReduceGraph); max_bytes and streams are eigvalsh's.
     Returns float64 CPU eigenvalues, ascending, clamped at 0, in the order of `weights`.
     """
     if precision not in ("float64", "float32"):
@@ -139,7 +141,7 @@ def esd_eigenvalues_batched(weights: list[torch.Tensor], precision: str = "float
         by_shape[tuple(w.shape)].append(i)
     out = [None] * len(weights)
     if esd_method(method, precision, device, [min(w.shape) for w in weights]) == "two_stage":
-        _two_stage(weights, torch.device(device), out, band, batch, timings)
+        _two_stage(weights, torch.device(device), out, band, batch, timings, graph)
         return out
     streams = max(1, streams)
     parts = []
@@ -174,14 +176,17 @@ def _host_threads() -> int:
 
 
 def _two_stage(weights: list[torch.Tensor], device: torch.device, out: list, band: int | None,
-               batch: int | None, timings: dict | None) -> None:
+               batch: int | None, timings: dict | None, graph: bool = False) -> None:
     """esd_eigenvalues_batched's two-stage path: Grams of one size, `batch` at a time, are formed and
     band-reduced on `device` (band.band_reduce, float64); each batch's bands (n x (b+1) numbers a matrix)
     come to the host, where a pool of threads, one per core, runs LAPACK dsbev on them while the device
     reduces the next batch (one core is left to the thread that launches the device's kernels).
     Each result is checked against two invariants of its Gram matrix G, sum(lambda) = trace(G) and
     sum(lambda^2) = ||G||_F^2, to TWO_STAGE_CHECK relative; one that fails (or is not finite) is
-    recomputed by eigvalsh, and `timings["fallbacks"]` counts them."""
+    recomputed by eigvalsh, and `timings["fallbacks"]` counts them.
+    graph (CUDA): a batch shape that recurs is band-reduced by replaying one CUDA graph of it
+    (band.BandReduceGraph), the Grams formed straight into the graph's input; a shape seen once, or a
+    capture that fails (`timings["graph"]` says why), runs eagerly."""
     from concurrent.futures import ThreadPoolExecutor
 
     by_size = defaultdict(list)
@@ -193,26 +198,42 @@ def _two_stage(weights: list[torch.Tensor], device: torch.device, out: list, ban
     start, device_seconds, batches = time.perf_counter(), 0.0, []
     threads = max(1, _host_threads() - (device.type == "cuda"))
     futures, invariants, fallbacks = {}, {}, []
+    plan = [(n, idx[s:s + step]) for n, idx in by_size.items()
+            for step in [batch or max(1, min(TWO_STAGE_BATCH, budget // (n * n * 8)))]
+            for s in range(0, len(idx), step)]
+    shapes = defaultdict(int)
+    for n, part in plan:
+        shapes[len(part), n] += 1
+    graphs, graph_note, capture_seconds = {}, "on" if graph and device.type == "cuda" else "off", 0.0
     with ThreadPoolExecutor(threads, thread_name_prefix="prunekit-band") as pool:
-        for n, idx in by_size.items():
-            step = batch or max(1, min(TWO_STAGE_BATCH, budget // (n * n * 8)))
-            for s in range(0, len(idx), step):
-                part = idx[s:s + step]
-                batches.append(len(part))
-                t = time.perf_counter()
-                grams = torch.empty((len(part), n, n), dtype=torch.float64, device=device)
-                for b, i in enumerate(part):
-                    _gram(weights[i].detach().to(device).to(torch.float64), out=grams[b])
-                # the invariants, before band_reduce overwrites the Grams: trace and squared Frobenius norm
-                norms = torch.stack([torch.diagonal(grams, dim1=1, dim2=2).sum(-1),
-                                     torch.linalg.vector_norm(grams, dim=(1, 2)).square()], 1)
-                bands = _band.band_reduce(grams, band).cpu()  # waits for this batch; the pool works on the last
-                del grams
-                norms = norms.cpu()
-                device_seconds += time.perf_counter() - t
-                for b, i in enumerate(part):
-                    invariants[i] = norms[b]
-                    futures[i] = pool.submit(_band.band_eigvalsh, bands[b])
+        for n, part in plan:
+            batches.append(len(part))
+            t = time.perf_counter()
+            replay = None
+            if graph_note == "on" and shapes[len(part), n] > 1:
+                replay = graphs.get((len(part), n))
+                if replay is None:
+                    try:
+                        replay = graphs[len(part), n] = _band.BandReduceGraph(len(part), n, band, device)
+                    except RuntimeError as exc:  # a capture the driver refuses: eager from here on
+                        graph_note = f"eager: the capture failed ({str(exc).splitlines()[0]})"
+                    capture_seconds += time.perf_counter() - t
+            grams = replay.grams if replay is not None else \
+                torch.empty((len(part), n, n), dtype=torch.float64, device=device)
+            for b, i in enumerate(part):
+                _gram(weights[i].detach().to(device).to(torch.float64), out=grams[b])
+            # the invariants, before band_reduce overwrites the Grams: trace and squared Frobenius norm
+            norms = torch.stack([torch.diagonal(grams, dim1=1, dim2=2).sum(-1),
+                                 torch.linalg.vector_norm(grams, dim=(1, 2)).square()], 1)
+            # .cpu() waits for this batch; the pool works on the last one meanwhile
+            bands = (replay() if replay is not None else _band.band_reduce(grams, band)).cpu()
+            del grams
+            norms = norms.cpu()
+            device_seconds += time.perf_counter() - t
+            for b, i in enumerate(part):
+                invariants[i] = norms[b]
+                futures[i] = pool.submit(_band.band_eigvalsh, bands[b])
+        graphs.clear()  # the graphs' memory pools go with them
         waited = time.perf_counter()
         for i, future in futures.items():
             eigs = future.result()
@@ -223,7 +244,8 @@ def _two_stage(weights: list[torch.Tensor], device: torch.device, out: list, ban
     if timings is not None:
         timings.update(device_seconds=device_seconds, host_tail_seconds=time.perf_counter() - waited,
                        seconds=time.perf_counter() - start, host_threads=threads, batches=batches,
-                       band=_band.BAND if band is None else band, fallbacks=len(fallbacks))
+                       band=_band.BAND if band is None else band, fallbacks=len(fallbacks), graph=graph_note,
+                       graph_capture_seconds=capture_seconds)
 
 
 def _invariants_hold(eigs: torch.Tensor, norms: torch.Tensor) -> bool:
