@@ -103,7 +103,7 @@ def test_band_eigvalsh_releases_the_gil():
         done.set()
         counter.join()
         sys.setswitchinterval(interval)
-    assert during > 0.3 * expected
+    assert during > 0.1 * expected  # held GIL: ~0 (the odd switch slice); margin for a busy CI machine
 
 
 # mixed shapes (tall, wide, square; two Gram sizes), several batches, and a batch of one
