@@ -224,7 +224,6 @@ def main(argv=None):
                 seconds = info["floor_grid_s"][f"{residual} {batch}"] = floor_seconds(model, adapter, ids, cfg)
                 print(f"floor {seconds:.2f} s (residual {residual}, batch {batch})", flush=True)
         write_results(args.out, [], info)
-        write_results(args.out, [], info)
     if args.floor_parts:
         info["floor_parts"] = floor_parts(model, adapter, ids, PruneConfig(**base))
         print("floor parts:", info["floor_parts"], flush=True)

@@ -106,9 +106,9 @@ fi
 if [ "$part" = esd3 ]; then
   # the two-stage ESD's balance: esd2 found both halves near 20 s at band 16 (the GPU's ~2.4 s a batch,
   # the host's LAPACK ~1.5 s a matrix a thread); a narrower band moves work from the host to the GPU,
-  # and more Grams a batch share the GPU's launches. First what a launch costs there, then the whole model.
-  # and the host half alone (--host-floor): dsbev at b = 16, 8, 4, 2 and 1 (dsterf, the tridiagonal's
-  # eigenvalues alone) with every host thread busy
+  # and more Grams a batch share the GPU's launches. First what a launch costs there and the host half
+  # alone (--host-floor: dsbev at b = 16, 8, 4, 2 and 1, dsterf, with every host thread busy), then the
+  # whole model.
   step 70 $PY bench/bench_esd.py --random $SHAPE --layers 1 --device $DEV --precisions float64 --launch-probe \
     --host-floor --bands 16 8 4 2 --key-only --skip-byte-key --out "$OUT/esd_probe.json"
   # the band reduction replayed from a CUDA graph (--esd-graph): its test, then beside the eager rows

@@ -107,7 +107,7 @@ class BandReduceGraph:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # the libraries' lazy set-up (cuBLAS handles, workspaces) outside the capture
             m = min(n, b + 3)
-            band_reduce(torch.eye(m, dtype=torch.float64, device=device).repeat(1, 1, 1), b)
+            band_reduce(torch.eye(m, dtype=torch.float64, device=device)[None], b)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA calls of other threads (a weight prefetcher) neither break the capture nor fail

@@ -17,12 +17,12 @@ from collections import defaultdict
 
 import torch
 
+from ..config import ESD_METHODS as METHODS
 from . import band as _band
 
 _CHUNK = 1 << 22  # elements per (candidates x eigenvalues) block in the KS search
 
 PRECISIONS = ("auto", "float64", "float32")
-METHODS = ("auto", "eigvalsh", "two_stage")
 TWO_STAGE_MIN = 1024  # Gram size from which a GPU's float64 ESD goes two-stage (smaller ones: eigvalsh) ...
 TWO_STAGE_MIN_COUNT = 8  # ... given this many such Grams at once (a batch of one is kernel-launch bound) ...
 TWO_STAGE_MIN_THREADS = 16  # ... and this many host threads for LAPACK's band stage (it is host-bound: below)

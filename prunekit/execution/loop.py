@@ -393,13 +393,12 @@ class BlockLoop:
             self.streamer = DiskBlocks(model, adapter, self.disk.reader, self.compute.device)
         else:
             self.streamer = BlockStreamer(self.blocks, self.compute.device, self.plan)
-        first = self.checkpoint.done if self.checkpoint is not None else 0
+        self.start = self.checkpoint.done if self.checkpoint is not None else 0
         if config.allocation == "uniform" and not bias_linears(adapter, self.scorer):
             # nothing below changes a block's parameters before it is pruned (no allocation reads them
             # on the device, no bias is added): its upload (and, first time, the staging memory's
             # page-locking) overlaps the input capture instead of following it
-            self.streamer.start(first)
-        self.start = first
+            self.streamer.start(self.start)
         # an allocation from the weights alone (AlphaPruning) runs before the capture, so that its working
         # memory (the ESD's Gram matrices) and the captured inputs are never on the device together
         weights_only = not needs_data(config.allocation)
